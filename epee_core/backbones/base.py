@@ -1,0 +1,59 @@
+"""The narrow interface every backbone adapter implements: embed → layer i (one at a time)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+class BackboneAdapter(nn.Module):
+    """A layer-by-layer view of a Hugging Face backbone, so the runner can stop rows between layers.
+
+    Subclasses call the real `transformers` modules; they never re-implement attention.
+    """
+
+    kind: str = ""
+    default_pooling: str = "mean"
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    def embed(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states before layer 1 [B, T, H] and the padding mask [B, T] (1 = real token)."""
+        raise NotImplementedError
+
+    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The 4-D attention mask the layers take, built from the padding mask; rebuilt after each compaction."""
+        raise NotImplementedError
+
+    def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
+        """Run layer `index` (0-based) on the rows given."""
+        raise NotImplementedError
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        self.model.resize_token_embeddings(vocab_size)
+
+    def save_pretrained(self, directory: str) -> None:
+        self.model.save_pretrained(directory)
+
+
+def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, 1, T] mask: 0 for real tokens, the dtype's minimum for padding (works for SDPA and eager)."""
+    keep = mask[:, None, None, :].to(torch.bool)
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)

@@ -1,0 +1,212 @@
+"""The `epee` command line (DESIGN §7). Each sub-command parses its flags here and calls the engine.
+
+Errors a user can cause (bad file, YAML, policy or value) print one line `epee: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .config import TASKS, ConfigError, ServeConfig
+from .data import InputError
+from .policies import POLICY_NAMES, Policy, PolicyError, make_policy
+
+USER_ERRORS = (ConfigError, PolicyError, InputError)
+
+
+class CommandError(Exception):
+    """A failure the user must act on (server down, unknown model...); printed as one line, exit 2."""
+
+
+def parse_set_values(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as a dict of strings (types are checked by the policy)."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PolicyError(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def policies_from_args(names: str | None, set_pairs: list[str], config_path: str | None) -> list[Policy]:
+    """Policies named by `--policy a,b`, starting from a model YAML's `epee:` section (`--config`) and `--set`."""
+    base_params: dict[str, Any] = {}
+    default_name = "epee"
+    if config_path:
+        serve = ServeConfig.load(config_path)
+        base_params, default_name = dict(serve.policy_params), serve.policy.name
+    overrides = parse_set_values(set_pairs)
+    chosen = [name.strip() for name in (names or default_name).split(",") if name.strip()]
+    if not chosen:
+        raise PolicyError(f"--policy is empty: expected one or more of {', '.join(POLICY_NAMES)}")
+    policies = []
+    for name in chosen:
+        policies.append(make_policy(name, {**base_params, **overrides}, strict=False))
+        if len(chosen) == 1:  # a single policy: every --set key must be one it uses
+            make_policy(
+                name, {**{k: v for k, v in base_params.items() if k in policies[0].params}, **overrides}
+            )
+    for key in overrides:
+        if not any(key in policy.params for policy in policies):
+            raise PolicyError(f"--set {key}: none of the policies {', '.join(chosen)} takes '{key}'")
+    return policies
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Print one JSON object (`--json`) or the human-readable rendering."""
+    print(json.dumps(result, indent=2, default=str) if as_json else render(result))
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain text table of `rows` with (key, header) columns; floats get 4 significant decimals."""
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    body = [[cell(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)
+
+
+# --- train -----------------------------------------------------------------------------------------------------
+
+
+def add_train(commands) -> None:
+    parser = commands.add_parser("train", help="train a backbone and its exit heads on a JSONL data set")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument(
+        "--backbone", required=True, help="minilm, bert-small, or a local Hugging Face checkpoint dir"
+    )
+    parser.add_argument("--train", required=True, help="training JSONL file")
+    parser.add_argument("--dev", required=True, help="dev JSONL file (per-exit accuracy after each epoch)")
+    parser.add_argument("--output", required=True, help="model directory to write")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-samples", type=int, help="use only the first N training examples")
+    parser.add_argument("--max-dev-samples", type=int, help="use only the first N dev examples")
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the exit heads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-5, help="backbone learning rate")
+    parser.add_argument("--head-lr", type=float, default=1e-3, help="exit heads' learning rate")
+    parser.add_argument("--max-length", type=int, default=128, help="maximum tokens per input")
+    parser.add_argument(
+        "--pooling", choices=["mean", "cls", "last"], help="exit pooling (default: the backbone's)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args) -> None:
+    from .training import TrainConfig, train
+
+    summary = train(
+        TrainConfig(
+            task=args.task,
+            backbone=args.backbone,
+            train_path=args.train,
+            dev_path=args.dev,
+            output=args.output,
+            epochs=args.epochs,
+            max_samples=args.max_samples,
+            max_dev_samples=args.max_dev_samples,
+            freeze_backbone=args.freeze_backbone,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            head_learning_rate=args.head_lr,
+            max_length=args.max_length,
+            pooling=args.pooling,
+        )
+    )
+    last = summary["history"][-1]["dev_accuracy_per_exit"]
+    emit(
+        summary,
+        args.json,
+        lambda s: f"saved {s['output']} ({s['train_seconds']} s); dev accuracy per exit: {last}",
+    )
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+EVALUATE_COLUMNS = [
+    ("policy", "policy"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro_f1"),
+    ("avg_exit_layer", "avg_exit"),
+    ("layer_speedup", "layer_x"),
+    ("samples_per_second", "samples/s"),
+    ("speedup_vs_full", "speed_x"),
+]
+
+
+def add_evaluate(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="accuracy, average exit layer and speed of policies on labelled data"
+    )
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--data", required=True, help="labelled JSONL file")
+    parser.add_argument(
+        "--policy", help=f"one or more of {','.join(POLICY_NAMES)}, comma-separated (default: epee)"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
+    parser.add_argument(
+        "--config", help="model YAML whose 'epee:' section gives the policy and its parameters"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> None:
+    from .data import read_examples
+    from .evaluation import evaluate_policies
+    from .model import EarlyExitModel
+
+    policies = policies_from_args(args.policy, args.set, args.config)
+    model = EarlyExitModel.from_pretrained(args.model)
+    examples = read_examples(args.data, model.spec.task, args.max_samples)
+    results = evaluate_policies(model, examples, policies, args.batch_size)
+    columns = list(EVALUATE_COLUMNS)
+    extra = {"relation-extraction": ("micro_f1", "micro_f1"), "multi-label": ("example_f1", "example_f1")}
+    if model.spec.task in extra:
+        columns.insert(3, extra[model.spec.task])
+    output = results[0] if len(results) == 1 else {"model": args.model, "data": args.data, "results": results}
+    emit(output, args.json, lambda _: format_table(results, columns))
+
+
+# --- entry point -----------------------------------------------------------------------------------------------
+
+COMMANDS = [add_train, add_evaluate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epee", description="Early-exit serving of biomedical transformers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (*USER_ERRORS, CommandError) as error:
+        print(f"epee: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

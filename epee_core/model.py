@@ -1,0 +1,97 @@
+"""The early-exit model: a backbone adapter plus one exit head per layer, saved as a model directory (DESIGN §5).
+
+model_dir/
+  config.json, model.safetensors   the backbone (`save_pretrained`)
+  tokenizer files                  (text tasks)
+  exits.safetensors                every exit head
+  epee.yaml                        task, labels, backbone kind, head shape, training record
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer
+
+from .backbones import BackboneAdapter, load_pretrained_backbone
+from .config import ConfigError, ModelSpec
+from .heads import ExitHeads
+
+EXITS_FILE = "exits.safetensors"
+SPEC_FILE = "epee.yaml"
+
+
+class EarlyExitModel(nn.Module):
+    """Backbone adapter + exit heads + the spec that describes them (and the tokenizer, for text tasks)."""
+
+    def __init__(self, spec: ModelSpec, backbone: BackboneAdapter, tokenizer=None):
+        super().__init__()
+        if backbone.num_layers != spec.num_layers or backbone.hidden_size != spec.hidden_size:
+            raise ConfigError(
+                f"epee.yaml says {spec.num_layers} layers × {spec.hidden_size} hidden, the backbone has "
+                f"{backbone.num_layers} × {backbone.hidden_size}"
+            )
+        self.spec = spec
+        self.backbone = backbone
+        self.exits = ExitHeads(
+            spec.num_layers, spec.hidden_size, len(spec.labels), spec.pooling, spec.head_dropout
+        )
+        self.tokenizer = tokenizer
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    @property
+    def multi_label(self) -> bool:
+        return self.spec.multi_label
+
+    def forward_all_exits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of every exit [L, B, C] with no early exit (training and calibration caches)."""
+        hidden, mask = self.backbone.embed(inputs)
+        bias = self.backbone.attention_bias(mask, hidden.dtype)
+        all_logits = []
+        for index in range(self.num_layers):
+            hidden = self.backbone.layer(index, hidden, bias)
+            all_logits.append(self.exits(index, hidden, mask))
+        return torch.stack(all_logits)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(directory))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+        state = {name: tensor.detach().contiguous() for name, tensor in self.exits.state_dict().items()}
+        save_file(state, str(directory / EXITS_FILE))
+        self.spec.save(directory / SPEC_FILE)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> EarlyExitModel:
+        """Load a model directory written by `save_pretrained`; errors name the missing or bad file."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ConfigError(f"{directory}: model directory not found")
+        for required in (SPEC_FILE, EXITS_FILE, "config.json"):
+            if not (directory / required).is_file():
+                raise ConfigError(f"{directory}: not an epee model directory (missing {required})")
+        spec = ModelSpec.load(directory / SPEC_FILE)
+        backbone = load_pretrained_backbone(directory)
+        if backbone.kind != spec.backbone:
+            raise ConfigError(
+                f"{directory / SPEC_FILE}: backbone '{spec.backbone}' but config.json is '{backbone.kind}'"
+            )
+        tokenizer = None
+        if spec.task != "image-classification":
+            tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = cls(spec, backbone, tokenizer)
+        try:
+            model.exits.load_state_dict(load_file(str(directory / EXITS_FILE)))
+        except RuntimeError as error:
+            raise ConfigError(
+                f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
+            ) from None
+        return model.eval()

@@ -1,0 +1,207 @@
+"""Training exit heads (and the backbone) with the PABEE-style joint loss: Σ_i i·loss_i / Σ_i i."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .backbones import build_backbone
+from .config import TEXT_TASKS, ConfigError, ModelSpec
+from .data import (
+    Example,
+    add_entity_markers,
+    encode_texts,
+    label_tensor,
+    label_vocabulary,
+    model_text,
+    read_examples,
+)
+from .metrics import task_metrics
+from .model import EarlyExitModel
+from .policies import predictions
+
+NEGATIVE_LABELS = ("None", "none", "false", "no_relation", "NA", "Other")
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    backbone: str
+    train_path: str
+    dev_path: str
+    output: str
+    epochs: int = 1
+    max_samples: int | None = None
+    freeze_backbone: bool = False
+    seed: int = 0
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    head_learning_rate: float = 1e-3
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    pooling: str | None = None
+    max_dev_samples: int | None = None
+
+
+def layer_weights(num_layers: int) -> torch.Tensor:
+    """PABEE's weights: exit i counts i times, normalised to sum to 1."""
+    weights = torch.arange(1, num_layers + 1, dtype=torch.float)
+    return weights / weights.sum()
+
+
+def joint_loss(all_logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Weighted sum over exits of cross-entropy (or BCE for multi-label); `all_logits` is [L, B, C]."""
+    num_layers = all_logits.shape[0]
+    if multi_label:
+        per_layer = [nn.functional.binary_cross_entropy_with_logits(logits, targets) for logits in all_logits]
+    else:
+        per_layer = [nn.functional.cross_entropy(logits, targets) for logits in all_logits]
+    return (torch.stack(per_layer) * layer_weights(num_layers).to(all_logits.device)).sum()
+
+
+def _batches(items: list, batch_size: int) -> list[list]:
+    return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+
+
+def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
+    """A fresh early-exit model on the named backbone, heads randomly initialised."""
+    if config.task not in TEXT_TASKS:
+        raise ConfigError(
+            f"epee train: task '{config.task}' is not supported yet (text tasks: {', '.join(TEXT_TASKS)})"
+        )
+    backbone, tokenizer = build_backbone(config.backbone)
+    entity_markers: list[str] = []
+    if config.task == "relation-extraction":
+        add_entity_markers(tokenizer)
+        backbone.resize_token_embeddings(len(tokenizer))
+        entity_markers = list(tokenizer.additional_special_tokens)
+    negative = next((label for label in NEGATIVE_LABELS if label in labels), None)
+    spec = ModelSpec(
+        task=config.task,
+        labels=labels,
+        backbone=backbone.kind,
+        pooling=config.pooling or backbone.default_pooling,
+        num_layers=backbone.num_layers,
+        hidden_size=backbone.hidden_size,
+        max_length=config.max_length,
+        entity_markers=entity_markers,
+        negative_label=negative if config.task == "relation-extraction" else None,
+    )
+    return EarlyExitModel(spec, backbone, tokenizer)
+
+
+def encode_examples(model: EarlyExitModel, examples: list[Example]) -> dict[str, torch.Tensor]:
+    texts = [model_text(example, model.spec.task) for example in examples]
+    return encode_texts(model.tokenizer, texts, model.spec.max_length)
+
+
+@torch.inference_mode()
+def per_layer_metrics(
+    model: EarlyExitModel, examples: list[Example], batch_size: int = 64
+) -> list[dict[str, float]]:
+    """The metrics of every exit on its own (no early exit), for the training report."""
+    model.eval()
+    targets = label_tensor(examples, model.spec.labels, model.spec.task)
+    layer_logits = torch.cat(
+        [model.forward_all_exits(encode_examples(model, chunk)) for chunk in _batches(examples, batch_size)],
+        dim=1,
+    )
+    results = []
+    for logits in layer_logits:
+        predicted = predictions(torch.sigmoid(logits) if model.multi_label else logits, model.multi_label)
+        results.append(
+            task_metrics(
+                model.spec.task,
+                targets.numpy(),
+                predicted.numpy(),
+                model.spec.labels,
+                model.spec.negative_label,
+            )
+        )
+    return results
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, evaluate each exit on the dev set after every epoch, save the model directory; return a summary."""
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    train_examples = read_examples(config.train_path, config.task, config.max_samples)
+    dev_examples = read_examples(config.dev_path, config.task, config.max_dev_samples)
+    labels = label_vocabulary(train_examples, config.task)
+    model = build_model(config, labels)
+    for example in (
+        train_examples + dev_examples
+    ):  # fail on bad relation-extraction rows before training starts
+        model_text(example, config.task)
+
+    if config.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    groups = [{"params": model.exits.parameters(), "lr": config.head_learning_rate}]
+    if not config.freeze_backbone:
+        groups.append({"params": model.backbone.parameters(), "lr": config.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    steps_per_epoch = -(-len(train_examples) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
+
+    history = []
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        if config.freeze_backbone:
+            model.backbone.eval()  # no dropout in a frozen backbone
+        order = list(train_examples)
+        random.shuffle(order)
+        progress = tqdm(
+            _batches(order, config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch"
+        )
+        running = None
+        for chunk in progress:
+            inputs = encode_examples(model, chunk)
+            targets = label_tensor(chunk, labels, config.task)
+            loss = joint_loss(model.forward_all_exits(inputs), targets, model.multi_label)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+            progress.set_postfix(loss=f"{running:.4f}")
+        dev = per_layer_metrics(model, dev_examples)
+        history.append(
+            {"epoch": epoch, "loss": running, "dev_accuracy_per_exit": [round(m["accuracy"], 4) for m in dev]}
+        )
+        tqdm.write(f"epoch {epoch}: dev accuracy per exit " + " ".join(f"{m['accuracy']:.3f}" for m in dev))
+
+    model.eval()
+    model.spec.training = {
+        "backbone": config.backbone,
+        "train": str(config.train_path),
+        "dev": str(config.dev_path),
+        "train_samples": len(train_examples),
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "head_learning_rate": config.head_learning_rate,
+        "freeze_backbone": config.freeze_backbone,
+        "seed": config.seed,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "history": history,
+    }
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(config.output)
+    return {
+        "output": str(config.output),
+        "labels": labels,
+        "num_layers": model.num_layers,
+        **model.spec.training,
+    }
