@@ -25,7 +25,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
 
 
-def tiny_bert_config(vocab_size: int, num_layers: int = 4) -> BertConfig:
+def tiny_bert_config(vocab_size: int, num_layers: int = 4, **extra) -> BertConfig:
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=32,
@@ -33,6 +33,7 @@ def tiny_bert_config(vocab_size: int, num_layers: int = 4) -> BertConfig:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        **extra,
     )
     config._attn_implementation = "sdpa"
     return config
