@@ -67,13 +67,8 @@ def test_policies_give_mixed_exit_layers_on_the_test_models(tokenizer, name, par
 
 
 def test_full_reproduces_bert_for_sequence_classification(tokenizer):
-
     torch.manual_seed(0)
-    reference = BertForSequenceClassification(
-        tiny_bert_config(len(tokenizer)).__class__(
-            **{**tiny_bert_config(len(tokenizer)).to_dict(), "num_labels": 3}
-        )
-    ).eval()
+    reference = BertForSequenceClassification(tiny_bert_config(len(tokenizer), num_labels=3)).eval()
     spec = ModelSpec(
         task="text-classification",
         labels=["a", "b", "c"],
