@@ -1,0 +1,242 @@
+"""The `epee` command line: train → evaluate end to end on tiny models, and one-line errors (DESIGN §7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_DATA, tiny_bert_config
+from transformers import AutoTokenizer, BertModel
+
+from epee_core.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone_dir(tmp_path_factory, tokenizer):
+    """A local Hugging Face checkpoint directory (tiny random BERT + tokenizer), as a user would point at."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(tiny_bert_config(len(tokenizer), num_layers=3)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_backbone_dir):
+    output = tmp_path_factory.mktemp("trained") / "model"
+    code = main(
+        [
+            "train",
+            "--task",
+            "text-classification",
+            "--backbone",
+            str(tiny_backbone_dir),
+            "--train",
+            str(DEMO_DATA / "ade_demo_train.jsonl"),
+            "--dev",
+            str(DEMO_DATA / "ade_demo_dev.jsonl"),
+            "--output",
+            str(output),
+            "--max-samples",
+            "64",
+            "--max-dev-samples",
+            "32",
+            "--json",
+        ]
+    )
+    assert code == 0
+    return output
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_train_writes_a_model_directory_with_its_training_record(trained_dir):
+    spec = (trained_dir / "epee.yaml").read_text()
+    assert "adverse_event" in spec and "train_samples: 64" in spec
+    assert (trained_dir / "exits.safetensors").is_file() and (trained_dir / "tokenizer.json").is_file()
+
+
+def test_evaluate_json_has_the_design_fields(trained_dir, capsys):
+    result = run_json(
+        capsys,
+        [
+            "evaluate",
+            "--model",
+            str(trained_dir),
+            "--data",
+            str(DEMO_DATA / "ade_demo_dev.jsonl"),
+            "--max-samples",
+            "24",
+            "--policy",
+            "epee",
+            "--set",
+            "entropy_threshold=0.5",
+            "--json",
+        ],
+    )
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "avg_exit_layer",
+        "num_layers",
+        "layer_speedup",
+        "wall_seconds",
+        "samples_per_second",
+        "policy",
+        "params",
+    ):
+        assert key in result, key
+    assert result["policy"] == "epee" and result["params"]["entropy_threshold"] == 0.5
+    assert result["num_samples"] == 24 and 1 <= result["avg_exit_layer"] <= 3
+    assert result["layer_speedup"] == pytest.approx(3 / result["avg_exit_layer"], rel=1e-3)
+
+
+def test_evaluate_several_policies_in_one_run(trained_dir, capsys):
+    result = run_json(
+        capsys,
+        [
+            "evaluate",
+            "--model",
+            str(trained_dir),
+            "--data",
+            str(DEMO_DATA / "ade_demo_dev.jsonl"),
+            "--max-samples",
+            "16",
+            "--policy",
+            "full,oracle",
+            "--json",
+        ],
+    )
+    full, oracle = result["results"]
+    assert full["avg_exit_layer"] == 3 and oracle["avg_exit_layer"] <= 3
+    assert oracle["accuracy"] >= full["accuracy"]  # the oracle exits at a correct layer whenever one exists
+
+
+def test_evaluate_reads_the_policy_from_a_model_yaml(trained_dir, tmp_path, capsys):
+    config = tmp_path / "model.yaml"
+    config.write_text("batchSize: 8\nepee:\n  policy: static\n  layer: 2\n")
+    result = run_json(
+        capsys,
+        [
+            "evaluate",
+            "--model",
+            str(trained_dir),
+            "--data",
+            str(DEMO_DATA / "ade_demo_dev.jsonl"),
+            "--max-samples",
+            "8",
+            "--config",
+            str(config),
+            "--json",
+        ],
+    )
+    assert result["policy"] == "static" and result["avg_exit_layer"] == 2
+
+
+@pytest.mark.parametrize("task", ["multi-label", "relation-extraction"])
+def test_train_other_text_tasks(tiny_backbone_dir, tmp_path, capsys, task):
+    rows = {
+        "multi-label": [
+            {"text": "drug A activates receptor B", "labels": ["ACTIVATOR"]},
+            {"text": "drug C blocks channel D", "labels": ["ANTAGONIST", "DOWNREGULATOR"]},
+            {"text": "nothing here", "labels": []},
+        ],
+        "relation-extraction": [
+            {
+                "text": "aspirin raises warfarin levels",
+                "head": "aspirin",
+                "tail": "warfarin",
+                "relation": "effect",
+            },
+            {
+                "text": "Aspirin and heparin were given",
+                "head": "aspirin",
+                "tail": "heparin",
+                "relation": "None",
+            },
+        ],
+    }[task]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
+    output = tmp_path / "model"
+    assert (
+        main(
+            [
+                "train",
+                "--task",
+                task,
+                "--backbone",
+                str(tiny_backbone_dir),
+                "--train",
+                str(data),
+                "--dev",
+                str(data),
+                "--output",
+                str(output),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = run_json(
+        capsys, ["evaluate", "--model", str(output), "--data", str(data), "--policy", "full", "--json"]
+    )
+    assert {"multi-label": "example_f1", "relation-extraction": "micro_f1"}[task] in result
+    if task == "relation-extraction":  # the markers are whole tokens of the saved tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(output)
+        assert tokenizer.tokenize("[E1] aspirin [/E1]")[0] == "[E1]"
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("epee: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_model_dir_is_one_line(tmp_path, capsys):
+    err = one_line_error(
+        capsys,
+        ["evaluate", "--model", str(tmp_path / "none"), "--data", str(DEMO_DATA / "ade_demo_dev.jsonl")],
+    )
+    assert "model directory not found" in err
+
+
+def test_bad_yaml_is_one_line(trained_dir, tmp_path, capsys):
+    config = tmp_path / "model.yaml"
+    config.write_text("epee:\n  policy: epee\n  entropy_threshold: [1]\n")
+    err = one_line_error(
+        capsys, ["evaluate", "--model", str(trained_dir), "--data", "x", "--config", str(config)]
+    )
+    assert "'entropy_threshold' must be a number" in err and str(config) in err
+
+
+def test_unknown_policy_is_one_line(trained_dir, capsys):
+    err = one_line_error(
+        capsys, ["evaluate", "--model", str(trained_dir), "--data", "x", "--policy", "turbo"]
+    )
+    assert "unknown policy 'turbo'" in err
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("patience=0", "'patience' must be an integer >= 1"),
+        ("patience", "--set expects KEY=VALUE"),
+        ("layer=2", "policy 'epee' takes no parameter 'layer'"),
+    ],
+)
+def test_bad_set_value_is_one_line(trained_dir, capsys, pair, message):
+    err = one_line_error(capsys, ["evaluate", "--model", str(trained_dir), "--data", "x", "--set", pair])
+    assert message in err
+
+
+def test_bad_data_file_is_one_line(trained_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine", "label": "adverse_event"}\n{"txt": "typo"}\n')
+    err = one_line_error(capsys, ["evaluate", "--model", str(trained_dir), "--data", str(data)])
+    assert f"{data}:2: missing field 'text'" in err
