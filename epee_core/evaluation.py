@@ -28,27 +28,23 @@ def prepare_batches(
     return batches
 
 
-def evaluate_policy(model: EarlyExitModel, batches: list[tuple[dict, torch.Tensor]], policy: Policy) -> dict:
-    """Run one policy over prepared batches; `wall_seconds` is engine time (tokenization excluded), after one
-    untimed warm-up batch."""
-    model.eval()
-    run_early_exit(model, batches[0][0], policy, batches[0][1])  # warm-up
-    gold, predicted, exit_layers = [], [], []
-    started = time.perf_counter()
-    for inputs, labels in tqdm(batches, desc=policy.name, unit="batch", leave=False):
-        result = run_early_exit(model, inputs, policy, labels)
-        gold.append(labels)
-        predicted.append(result.predictions(model.multi_label))
-        exit_layers.append(result.exit_layer)
-    wall = time.perf_counter() - started
-    gold_all, predicted_all, exits = torch.cat(gold), torch.cat(predicted), torch.cat(exit_layers).float()
+WARMUP_BATCHES = 3
+
+
+def summarise(
+    model: EarlyExitModel,
+    policy: Policy,
+    gold: torch.Tensor,
+    predicted: torch.Tensor,
+    exit_layers: torch.Tensor,
+    wall_seconds: float,
+    batch_size: int,
+) -> dict:
+    """The evaluate JSON of one policy (DESIGN §7) from its per-sample outputs and engine time."""
     spec = model.spec
-    metrics = task_metrics(
-        spec.task, gold_all.numpy(), predicted_all.numpy(), spec.labels, spec.negative_label
-    )
-    num_samples = int(exits.numel())
-    avg_exit = float(exits.mean())
-    histogram = torch.bincount(exits.long(), minlength=spec.num_layers + 1)[1:].tolist()
+    metrics = task_metrics(spec.task, gold.numpy(), predicted.numpy(), spec.labels, spec.negative_label)
+    num_samples = int(exit_layers.numel())
+    avg_exit = float(exit_layers.float().mean())
     return {
         "policy": policy.name,
         "params": policy.params,
@@ -56,20 +52,45 @@ def evaluate_policy(model: EarlyExitModel, batches: list[tuple[dict, torch.Tenso
         "avg_exit_layer": round(avg_exit, 4),
         "num_layers": spec.num_layers,
         "layer_speedup": round(spec.num_layers / avg_exit, 4),
-        "exit_layer_counts": histogram,
+        "exit_layer_counts": torch.bincount(exit_layers, minlength=spec.num_layers + 1)[1:].tolist(),
         "num_samples": num_samples,
-        "batch_size": int(batches[0][1].shape[0]),
-        "wall_seconds": round(wall, 4),
-        "samples_per_second": round(num_samples / wall, 2),
+        "batch_size": batch_size,
+        "wall_seconds": round(wall_seconds, 4),
+        "samples_per_second": round(num_samples / wall_seconds, 2),
     }
 
 
 def evaluate_policies(
     model: EarlyExitModel, examples: list[Example], policies: list[Policy], batch_size: int = 8
 ) -> list[dict]:
-    """Every policy on the same inputs in one run, so their speeds compare side by side."""
+    """Every policy on the same inputs in one run, so their speeds compare side by side.
+
+    Policies take turns batch by batch (each timed on its own), so a noisy neighbour on the machine slows all
+    of them alike; a few untimed warm-up batches per policy come first. `wall_seconds` is engine time:
+    tokenization is done once, before timing.
+    """
+    model.eval()
     batches = prepare_batches(model, examples, batch_size)
-    results = [evaluate_policy(model, batches, policy) for policy in policies]
+    for policy in policies:
+        for inputs, labels in batches[:WARMUP_BATCHES]:
+            run_early_exit(model, inputs, policy, labels)
+    wall = [0.0] * len(policies)
+    predicted: list[list[torch.Tensor]] = [[] for _ in policies]
+    exit_layers: list[list[torch.Tensor]] = [[] for _ in policies]
+    for inputs, labels in tqdm(batches, desc="evaluate", unit="batch", leave=False):
+        for index, policy in enumerate(policies):
+            started = time.perf_counter()
+            result = run_early_exit(model, inputs, policy, labels)
+            wall[index] += time.perf_counter() - started
+            predicted[index].append(result.predictions(model.multi_label))
+            exit_layers[index].append(result.exit_layer)
+    gold = torch.cat([labels for _, labels in batches])
+    results = [
+        summarise(
+            model, policy, gold, torch.cat(predicted[i]), torch.cat(exit_layers[i]), wall[i], batch_size
+        )
+        for i, policy in enumerate(policies)
+    ]
     full = next((r for r in results if r["policy"] == "full"), None)
     if full is not None:
         for result in results:
