@@ -66,6 +66,8 @@ class ModelSpec:
     max_length: int = 128
     entity_markers: list[str] = field(default_factory=list)
     negative_label: str | None = None
+    image_size: int | None = None  # image-classification: square input side the backbone takes
+    num_channels: int | None = None  # image-classification: 3 (grey images are repeated) or 1
     training: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -106,6 +108,8 @@ class ModelSpec:
             negative_label=_check_type(
                 data.get("negative_label"), "negative_label", (str, type(None)), source
             ),
+            image_size=_check_type(data.get("image_size"), "image_size", (int, type(None)), source),
+            num_channels=_check_type(data.get("num_channels"), "num_channels", (int, type(None)), source),
             training=_check_type(data.get("training", {}), "training", dict, source),
             format_version=_check_type(
                 data.get("format_version", FORMAT_VERSION), "format_version", int, source
@@ -117,6 +121,13 @@ class ModelSpec:
             )
         if spec.num_layers < 1 or spec.hidden_size < 1 or spec.max_length < 1:
             raise ConfigError(f"{source}: 'num_layers', 'hidden_size' and 'max_length' must be positive")
+        if task == "image-classification":
+            if spec.image_size is None or spec.image_size < 1:
+                raise ConfigError(f"{source}: 'image_size' must be a positive integer for task {task}")
+            if spec.num_channels not in (1, 3):
+                raise ConfigError(f"{source}: 'num_channels' must be 1 or 3 for task {task}")
+        elif spec.image_size is not None or spec.num_channels is not None:
+            raise ConfigError(f"{source}: 'image_size' and 'num_channels' are only for image-classification")
         if spec.negative_label is not None and spec.negative_label not in spec.labels:
             raise ConfigError(f"{source}: 'negative_label' {spec.negative_label!r} is not one of 'labels'")
         return spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,17 +41,31 @@ class ExitHead(nn.Module):
 
 
 class ExitHeads(nn.Module):
-    """The exit head of every layer; `heads[i]` reads the output of layer i + 1."""
+    """The exit head of every layer; `heads[i]` reads the output of layer i + 1.
+
+    `read_hidden` maps a layer's output to what the heads see: the backbone's `exit_hidden` (its final layer norm
+    for pre-LN models such as GPT-2 and ViT). It is a plain callable, not a sub-module, so the backbone's weights
+    never enter `exits.safetensors`.
+    """
 
     def __init__(
-        self, num_layers: int, hidden_size: int, num_outputs: int, pooling: str, dropout: float = 0.1
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_outputs: int,
+        pooling: str,
+        dropout: float = 0.1,
+        read_hidden: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling '{pooling}': expected one of {', '.join(POOLINGS)}")
         self.pooling = pooling
+        self.read_hidden = read_hidden
         self.heads = nn.ModuleList(ExitHead(hidden_size, num_outputs, dropout) for _ in range(num_layers))
 
     def forward(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] of the exit after layer `layer_index` (0-based)."""
+        if self.read_hidden is not None:
+            hidden = self.read_hidden(hidden)
         return self.heads[layer_index](pool(hidden, mask, self.pooling))

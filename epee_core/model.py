@@ -3,6 +3,7 @@
 model_dir/
   config.json, model.safetensors   the backbone (`save_pretrained`)
   tokenizer files                  (text tasks)
+  preprocessor_config.json         the image processor (image-classification)
   exits.safetensors                every exit head
   epee.yaml                        task, labels, backbone kind, head shape, training record
 """
@@ -14,32 +15,64 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 
 from .backbones import BackboneAdapter, load_pretrained_backbone
 from .config import ConfigError, ModelSpec
 from .heads import ExitHeads
+from .images import processor_image_size
 
 EXITS_FILE = "exits.safetensors"
 SPEC_FILE = "epee.yaml"
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _check_image_model(spec: ModelSpec, backbone: BackboneAdapter, image_processor) -> None:
+    """An image model's backbone, image processor and epee.yaml must agree on the input size and channels."""
+    if backbone.modality != "image":
+        raise ConfigError(f"task image-classification needs an image backbone (vit), got '{backbone.kind}'")
+    if image_processor is None:
+        raise ConfigError("task image-classification needs an image processor")
+    expected = (backbone.image_size, backbone.num_channels)
+    if (spec.image_size, spec.num_channels) != expected:
+        raise ConfigError(
+            f"epee.yaml says image_size {spec.image_size}, num_channels {spec.num_channels}; the backbone takes "
+            f"{expected[0]}×{expected[0]} images with {expected[1]} channels"
+        )
+    if processor_image_size(image_processor) != (backbone.image_size, backbone.image_size):
+        raise ConfigError(
+            f"the image processor resizes to {processor_image_size(image_processor)}, the backbone takes "
+            f"{backbone.image_size}×{backbone.image_size}"
+        )
 
 
 class EarlyExitModel(nn.Module):
-    """Backbone adapter + exit heads + the spec that describes them (and the tokenizer, for text tasks)."""
+    """Backbone adapter + exit heads + the spec that describes them, and the preprocessor: the tokenizer for text
+    tasks, the image processor for image-classification."""
 
-    def __init__(self, spec: ModelSpec, backbone: BackboneAdapter, tokenizer=None):
+    def __init__(self, spec: ModelSpec, backbone: BackboneAdapter, tokenizer=None, image_processor=None):
         super().__init__()
         if backbone.num_layers != spec.num_layers or backbone.hidden_size != spec.hidden_size:
             raise ConfigError(
                 f"epee.yaml says {spec.num_layers} layers × {spec.hidden_size} hidden, the backbone has "
                 f"{backbone.num_layers} × {backbone.hidden_size}"
             )
+        if spec.task == "image-classification":
+            _check_image_model(spec, backbone, image_processor)
+        elif backbone.modality != "text":
+            raise ConfigError(f"task {spec.task} needs a text backbone, '{backbone.kind}' takes images")
         self.spec = spec
         self.backbone = backbone
         self.exits = ExitHeads(
-            spec.num_layers, spec.hidden_size, len(spec.labels), spec.pooling, spec.head_dropout
+            spec.num_layers,
+            spec.hidden_size,
+            len(spec.labels),
+            spec.pooling,
+            spec.head_dropout,
+            read_hidden=backbone.exit_hidden,
         )
         self.tokenizer = tokenizer
+        self.image_processor = image_processor
 
     @property
     def num_layers(self) -> int:
@@ -65,6 +98,8 @@ class EarlyExitModel(nn.Module):
         self.backbone.save_pretrained(str(directory))
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
+        if self.image_processor is not None:
+            self.image_processor.save_pretrained(str(directory))
         state = {name: tensor.detach().contiguous() for name, tensor in self.exits.state_dict().items()}
         save_file(state, str(directory / EXITS_FILE))
         self.spec.save(directory / SPEC_FILE)
@@ -84,10 +119,14 @@ class EarlyExitModel(nn.Module):
             raise ConfigError(
                 f"{directory / SPEC_FILE}: backbone '{spec.backbone}' but config.json is '{backbone.kind}'"
             )
-        tokenizer = None
-        if spec.task != "image-classification":
+        tokenizer = image_processor = None
+        if spec.task == "image-classification":
+            if not (directory / IMAGE_PROCESSOR_FILE).is_file():
+                raise ConfigError(f"{directory}: image model directory without {IMAGE_PROCESSOR_FILE}")
+            image_processor = AutoImageProcessor.from_pretrained(directory, local_files_only=True)
+        else:
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = cls(spec, backbone, tokenizer)
+        model = cls(spec, backbone, tokenizer, image_processor)
         try:
             model.exits.load_state_dict(load_file(str(directory / EXITS_FILE)))
         except RuntimeError as error:

@@ -17,6 +17,7 @@ class BackboneAdapter(nn.Module):
 
     kind: str = ""
     default_pooling: str = "mean"
+    modality: str = "text"  # "text": tokenizer inputs; "image": `pixel_values`
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -46,6 +47,12 @@ class BackboneAdapter(nn.Module):
         """Run layer `index` (0-based) on the rows given."""
         raise NotImplementedError
 
+    def exit_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the exit heads read after a layer. Post-LN models (BERT, ALBERT) read the layer output as is;
+        pre-LN models (GPT-2, ViT) override this with their final layer norm, so the last exit reads exactly the
+        plain model's `last_hidden_state`."""
+        return hidden
+
     def resize_token_embeddings(self, vocab_size: int) -> None:
         self.model.resize_token_embeddings(vocab_size)
 
@@ -53,7 +60,23 @@ class BackboneAdapter(nn.Module):
         self.model.save_pretrained(directory)
 
 
+def layer_output(output: torch.Tensor | tuple) -> torch.Tensor:
+    """The hidden states of a `transformers` layer call (some layers return a tuple, some a tensor)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, 1, T] mask: 0 for real tokens, the dtype's minimum for padding (works for SDPA and eager)."""
     keep = mask[:, None, None, :].to(torch.bool)
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def causal_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask for causal models: position q sees keys k <= q that are real tokens.
+
+    With right padding every query sees at least token 0, so no softmax row is fully masked.
+    """
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    keep = causal[None, None, :, :] & mask[:, None, None, :].to(torch.bool)
     return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
