@@ -1,0 +1,271 @@
+"""Serving requests (DESIGN §6): decode one request, run a batch through the engine, encode the answers.
+
+Everything here is plain Python + PyTorch so it can sit behind any server; the TorchServe handlers only move
+rows in and answers out. A batch is *grouped* by policy: one engine call per distinct policy, never one per request.
+A request that cannot be served gets its own 4xx `{"error": ...}`; the rest of the batch is answered normally.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ConfigError, ServeConfig
+from .data import Example, InputError, encode_texts, model_text
+from .model import EarlyExitModel
+from .policies import Policy, PolicyError
+from .runner import run_early_exit
+
+ARCHIVE_MODEL_DIR = "model"  # where `epee package` puts the model directory inside a .mar
+POLICY_HEADER = "X-EPEE-Policy"
+TEXT_FIELDS = ("text", "epee")
+RELATION_FIELDS = ("text", "head", "tail", "epee")
+PROBABILITY_DECIMALS = 6
+
+
+class RequestError(ValueError):
+    """A request that cannot be served: the HTTP status and a message naming the field."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ServeRequest:
+    """One decoded request: what the model reads (text with entity markers, later an image) and its policy."""
+
+    model_input: Any
+    policy: Policy
+
+
+@dataclass
+class Answer:
+    """The reply to one request: HTTP status, the JSON body, and the exit layer for metrics (None on error)."""
+
+    status: int
+    body: dict[str, Any]
+    exit_layer: int | None = None
+    policy: str | None = None
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    """A request header by case-insensitive name (TorchServe passes them as sent)."""
+    wanted = name.lower()
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == wanted and isinstance(value, str):
+            return value
+    return None
+
+
+def _content_type(headers: Mapping[str, Any], field_name: str) -> str:
+    """The body's content type: TorchServe records it per input field (`{"body": {"content-type": ...}}`)."""
+    per_field = headers.get(field_name)
+    value = per_field.get("content-type") if isinstance(per_field, Mapping) else None
+    value = value or _header(headers, "content-type") or ""
+    return value.split(";")[0].strip().lower()
+
+
+def _payload_size(payload: Any) -> int:
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
+    if isinstance(payload, str):
+        return len(payload.encode("utf-8", errors="surrogatepass"))
+    return len(json.dumps(payload, ensure_ascii=False).encode("utf-8", errors="surrogatepass"))
+
+
+def request_payload(row: Any, headers: Mapping[str, Any], max_body_bytes: int) -> Any:
+    """The body of one TorchServe request row: parsed JSON (a dict under `body`/`data`), text or raw bytes.
+
+    Raises RequestError for an empty or form-encoded request (400), a body over `max_body_bytes` (413), and a
+    body sent as `application/json` that TorchServe could not parse (400).
+    """
+    field_name = next((name for name in ("body", "data") if isinstance(row, Mapping) and name in row), None)
+    if field_name is None:
+        raise RequestError(
+            400,
+            "empty request: send JSON (Content-Type: application/json) or text/plain; "
+            "form-encoded bodies (curl's default --data) are not supported",
+        )
+    payload = row[field_name]
+    size = _payload_size(payload)
+    if size > max_body_bytes:
+        raise RequestError(
+            413, f"request body is {size} bytes, the limit is {max_body_bytes} (max_body_bytes)"
+        )
+    if isinstance(payload, (bytes, bytearray)) and _content_type(headers, field_name) == "application/json":
+        raise RequestError(400, "body is not valid JSON (Content-Type: application/json)")
+    return payload
+
+
+def _json_fields(payload: Any) -> dict[str, Any]:
+    """A text request as a dict of fields: a JSON object as is, plain text as `{"text": ...}`."""
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            payload = bytes(payload).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(400, "body is neither JSON nor UTF-8 text") from None
+    if isinstance(payload, str):
+        if payload.lstrip().startswith("{"):  # JSON sent as text/plain
+            try:
+                payload = json.loads(payload)
+            except json.JSONDecodeError:
+                return {"text": payload}
+        else:
+            return {"text": payload}
+    if not isinstance(payload, dict):
+        raise RequestError(
+            400, f'expected a JSON object {{"text": ...}} or plain text, got JSON {type(payload).__name__}'
+        )
+    return payload
+
+
+def _text_field(fields: Mapping[str, Any], name: str, max_chars: int) -> str:
+    if name not in fields:
+        raise RequestError(400, f"missing field '{name}'")
+    value = fields[name]
+    if not isinstance(value, str):
+        raise RequestError(400, f"'{name}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RequestError(400, f"'{name}' is empty")
+    if len(value) > max_chars:
+        raise RequestError(
+            413, f"'{name}' has {len(value)} characters, the limit is {max_chars} (max_text_chars)"
+        )
+    return value
+
+
+class EarlyExitService:
+    """Serves one early-exit model: request policies, grouped engine calls, DESIGN §6 answers.
+
+    Subclasses say how a request body becomes a model input (`decode`) and how a list of inputs becomes a
+    batch of tensors (`encode_inputs`); the text service is below, an image service can follow the same shape.
+    """
+
+    def __init__(self, model: EarlyExitModel, config: ServeConfig):
+        if config.task is not None and config.task != model.spec.task:
+            raise ConfigError(
+                f"model YAML 'epee:' says task '{config.task}' but the model is '{model.spec.task}'"
+            )
+        try:
+            config.policy.check_layers(model.num_layers)
+        except PolicyError as error:
+            raise ConfigError(f"model YAML 'epee:': {error}") from None
+        self.model = model.eval()
+        self.config = config
+        self.spec = model.spec
+
+    def decode(self, payload: Any, headers: Mapping[str, Any]) -> ServeRequest:
+        raise NotImplementedError
+
+    def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def request_policy(self, override: Any, headers: Mapping[str, Any]) -> Policy:
+        """The policy of one request: the JSON `epee` field, else the `X-EPEE-Policy` header, else the default."""
+        header_policy = _header(headers, POLICY_HEADER)
+        if override is None and header_policy is not None:
+            override = {"policy": header_policy.strip()}
+        if override is None:
+            return self.config.policy
+        if not isinstance(override, dict):
+            raise RequestError(
+                400, f'\'epee\' must be a JSON object such as {{"policy": "full"}}, got {override!r}'
+            )
+        if not self.config.allow_request_override:
+            raise RequestError(
+                403, "per-request policy override is disabled for this model (allow_request_override)"
+            )
+        try:
+            policy = self.config.policy_for(override)
+            policy.check_layers(self.spec.num_layers)
+        except PolicyError as error:
+            raise RequestError(400, str(error)) from None
+        return policy
+
+    def answer(self, rows: Sequence[Any], headers: Sequence[Mapping[str, Any]]) -> list[Answer]:
+        """Answer a whole TorchServe batch: one Answer per row, in order; bad rows get their own 4xx."""
+        answers: list[Answer | None] = [None] * len(rows)
+        valid: list[tuple[int, ServeRequest]] = []
+        for index, (row, request_headers) in enumerate(zip(rows, headers)):
+            try:
+                payload = request_payload(row, request_headers, self.config.max_body_bytes)
+                valid.append((index, self.decode(payload, request_headers)))
+            except RequestError as error:
+                answers[index] = Answer(error.status, {"error": error.message})
+        served = self.run([request for _, request in valid])
+        for (index, _), answer in zip(valid, served):
+            answers[index] = answer
+        return answers  # type: ignore[return-value]
+
+    def run(self, requests: Sequence[ServeRequest]) -> list[Answer]:
+        """Run valid requests, one engine call per distinct policy; answers in request order."""
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            key = (request.policy.name, tuple(sorted(request.policy.params.items())))
+            groups.setdefault(key, []).append(index)
+        answers: list[Answer | None] = [None] * len(requests)
+        for indices in groups.values():
+            policy = requests[indices[0]].policy
+            inputs = self.encode_inputs([requests[index].model_input for index in indices])
+            result = run_early_exit(self.model, inputs, policy)
+            for row, index in enumerate(indices):
+                answers[index] = self._encode_answer(result, row, policy)
+        return answers  # type: ignore[return-value]
+
+    def _encode_answer(self, result, row: int, policy: Policy) -> Answer:
+        labels = self.spec.labels
+        probs = result.probs[row].tolist()
+        body: dict[str, Any] = {}
+        if self.spec.multi_label:
+            body["labels"] = [label for label, p in zip(labels, probs) if p >= 0.5]
+        else:
+            body["label"] = labels[int(result.probs[row].argmax())]
+        exit_layer = int(result.exit_layer[row])
+        body.update(
+            probabilities={label: round(p, PROBABILITY_DECIMALS) for label, p in zip(labels, probs)},
+            exit_layer=exit_layer,
+            num_layers=self.spec.num_layers,
+            entropy=round(float(result.entropy[row]), PROBABILITY_DECIMALS),
+            policy=policy.name,
+        )
+        return Answer(200, body, exit_layer, policy.name)
+
+
+class TextService(EarlyExitService):
+    """text-classification, multi-label and relation-extraction: `{"text"}` (+ `"head"`, `"tail"`) or plain text."""
+
+    def __init__(self, model: EarlyExitModel, config: ServeConfig):
+        super().__init__(model, config)
+        if model.tokenizer is None:
+            raise ConfigError(f"task '{model.spec.task}' needs a tokenizer in the model directory")
+        self.max_length = config.max_length or model.spec.max_length
+
+    def decode(self, payload: Any, headers: Mapping[str, Any]) -> ServeRequest:
+        fields = _json_fields(payload)
+        relation = self.spec.task == "relation-extraction"
+        allowed = RELATION_FIELDS if relation else TEXT_FIELDS
+        unknown = sorted(key for key in fields if key not in allowed)
+        if unknown:
+            raise RequestError(
+                400,
+                f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(allowed)})",
+            )
+        max_chars = self.config.max_text_chars
+        example = Example(_text_field(fields, "text", max_chars))
+        if relation:
+            example.head = _text_field(fields, "head", max_chars)
+            example.tail = _text_field(fields, "tail", max_chars)
+        try:
+            text = model_text(example, self.spec.task)
+        except InputError as error:
+            raise RequestError(400, str(error)) from None
+        return ServeRequest(text, self.request_policy(fields.get("epee"), headers))
+
+    def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
+        return encode_texts(self.model.tokenizer, model_inputs, self.max_length)
