@@ -1,0 +1,97 @@
+"""The shared TorchServe handler: base_handler's life cycle around an `epee_core.serving` service.
+
+initialize → read and validate the model YAML's `epee:` section, load the model directory from the archive;
+preprocess → the rows and their headers; inference → the service answers the whole batch (grouped by policy);
+postprocess → per-request status, JSON body, batch headers and exit-layer metrics. Subclasses pick the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import torch
+from ts.metrics.dimension import Dimension
+from ts.torch_handler.base_handler import BaseHandler
+
+import epee_core
+from epee_core.config import ServeConfig
+from epee_core.model import EarlyExitModel
+from epee_core.serving import ARCHIVE_MODEL_DIR, Answer, EarlyExitService
+
+logger = logging.getLogger(__name__)
+
+# Declared under model_metrics in metrics.yaml; dimension order must match the declaration there.
+EXIT_LAYER_METRIC = "EpeeExitLayerRequests"
+LAYERS_RUN_METRIC = "EpeeLayersRun"
+LAYERS_SAVED_METRIC = "EpeeLayersSaved"
+BATCH_METRIC = "EpeeBatches"
+BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
+BATCH_ID_HEADER = "X-EPEE-Batch-Id"
+
+
+class EarlyExitHandler(BaseHandler):
+    """Serves an `epee package` archive; `service_class` decides how a request body is decoded."""
+
+    service_class: type[EarlyExitService] = EarlyExitService
+
+    def initialize(self, context) -> None:
+        self.context = context
+        self.manifest = context.manifest
+        yaml_config = context.model_yaml_config or {}
+        config = ServeConfig.from_section(
+            yaml_config.get("epee"), source=f"{context.model_name} model YAML 'epee:'"
+        )
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model_dir = Path(context.system_properties["model_dir"]) / ARCHIVE_MODEL_DIR
+        self.service = self.service_class(EarlyExitModel.from_pretrained(model_dir), config)
+        self.initialized = True
+        spec = self.service.spec
+        logger.info(
+            "epee: %s %s, %d layers, policy %s, %d torch threads, engine %s",
+            context.model_name,
+            spec.task,
+            spec.num_layers,
+            config.policy.describe(),
+            torch.get_num_threads(),
+            Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
+        )
+
+    def preprocess(self, data: list) -> tuple[list, list[dict]]:
+        headers = [self.context.get_all_request_header(index) for index in range(len(data))]
+        return data, headers
+
+    def inference(self, batch: tuple[list, list[dict]], *args, **kwargs) -> list[Answer]:
+        rows, headers = batch
+        return self.service.answer(rows, headers)
+
+    def postprocess(self, answers: list[Answer]) -> list[dict]:
+        batch_id, batch_size = uuid.uuid4().hex[:12], str(len(answers))
+        for index, answer in enumerate(answers):
+            self.context.set_response_content_type(index, "application/json")
+            self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
+            self.context.set_response_header(index, BATCH_ID_HEADER, batch_id)
+            if answer.status != 200:
+                self.context.set_response_status(answer.status, answer.body["error"], idx=index)
+        self.record_metrics(answers)
+        return [answer.body for answer in answers]
+
+    def record_metrics(self, answers: list[Answer]) -> None:
+        """Per request: a counter per exit layer (and policy), layers run and layers saved; one batch count."""
+        metrics, model = self.context.metrics, self.context.model_name
+        base = [Dimension("ModelName", model), Dimension("Level", "Model")]
+        num_layers = self.service.spec.num_layers
+        for answer in answers:
+            if answer.exit_layer is None:
+                continue
+            exit_dims = [
+                *base,
+                Dimension("Policy", answer.policy),
+                Dimension("ExitLayer", str(answer.exit_layer)),
+            ]
+            metrics.add_counter(EXIT_LAYER_METRIC, 1, dimensions=exit_dims)
+            metrics.add_counter(LAYERS_RUN_METRIC, answer.exit_layer, dimensions=list(base))
+            metrics.add_counter(LAYERS_SAVED_METRIC, num_layers - answer.exit_layer, dimensions=list(base))
+        metrics.add_counter(BATCH_METRIC, 1, dimensions=[*base, Dimension("BatchSize", str(len(answers)))])
