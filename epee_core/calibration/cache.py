@@ -1,0 +1,154 @@
+"""The logit cache: one full-depth pass records every exit's logits, so policies are replayed offline.
+
+A cache is one safetensors file holding tensors only (`logits` [L, N, C], `labels` [N] or [N, C]) and string
+metadata: a fingerprint of the model directory and of the data (file hash + `max_samples`), plus the per-layer
+timing measured when it was built. A cache whose fingerprint no longer matches is stale and is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm.auto import tqdm
+
+from ..config import ConfigError
+from ..model import SPEC_FILE, EarlyExitModel
+
+CACHE_FORMAT = "epee-calibration-cache/1"
+# Files of a model directory that decide its logits: weights, configs, tokenizer / image-processor files.
+_MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".txt", ".model")
+
+
+class StaleCacheError(ConfigError):
+    """A cache file built from another model, data file or sample count."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: stale calibration cache: {reason}")
+        self.reason = reason
+
+
+def _hash_files(paths: list[Path], root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the weight, config and tokenizer files of a model directory, and its `epee.yaml`."""
+    root = Path(model_dir)
+    files = sorted(
+        path
+        for path in root.iterdir()
+        if path.is_file() and (path.suffix in _MODEL_SUFFIXES or path.name == SPEC_FILE)
+    )
+    if not any(path.name == SPEC_FILE for path in files):
+        raise ConfigError(f"{root}: not an epee model directory (missing {SPEC_FILE})")
+    return _hash_files(files, root)
+
+
+def data_fingerprint(data_path: str | Path, max_samples: int | None) -> dict[str, Any]:
+    """What identifies the calibration data: the file's hash and how many examples were read."""
+    path = Path(data_path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: data file not found")
+    return {"data_sha256": _hash_files([path], path.parent), "max_samples": max_samples}
+
+
+def fingerprint(model_dir: str | Path, data_path: str | Path, max_samples: int | None) -> dict[str, Any]:
+    """The full fingerprint a cache must match to be reused."""
+    return {"model_sha256": model_fingerprint(model_dir), **data_fingerprint(data_path, max_samples)}
+
+
+@dataclass
+class LogitCache:
+    """Every exit's logits for every sample, the gold labels, and where they came from."""
+
+    logits: torch.Tensor  # [L, N, C] float32
+    labels: torch.Tensor  # [N] long, or multi-hot [N, C] float for multi-label
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] | None = None  # `LayerTimes.as_dict()` measured with the model that built it
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.logits.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.logits.shape[1])
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {
+            "format": CACHE_FORMAT,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "timing": json.dumps(self.timing),
+        }
+        tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
+        save_file(tensors, str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LogitCache:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: cache file not found")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise ConfigError(f"{path}: not a calibration cache ({error})") from None
+        if metadata.get("format") != CACHE_FORMAT or set(tensors) != {"logits", "labels"}:
+            raise ConfigError(f"{path}: not a calibration cache (expected format {CACHE_FORMAT})")
+        return cls(
+            tensors["logits"],
+            tensors["labels"],
+            json.loads(metadata["fingerprint"]),
+            json.loads(metadata.get("timing", "null")),
+        )
+
+
+def stale_reason(cached: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a cache with fingerprint `cached` cannot stand for `expected`, or None when it matches."""
+    reasons = {
+        "model_sha256": "the model directory changed (weights, tokenizer or epee.yaml)",
+        "data_sha256": "the data file changed",
+        "max_samples": f"--max-samples was {cached.get('max_samples')}, now {expected.get('max_samples')}",
+    }
+    changed = [text for key, text in reasons.items() if cached.get(key) != expected.get(key)]
+    return "; ".join(changed) if changed else None
+
+
+def load_fresh(path: str | Path, expected: dict[str, Any]) -> LogitCache:
+    """Load a cache and check it was built from the same model and data; raise `StaleCacheError` otherwise."""
+    cache = LogitCache.load(path)
+    reason = stale_reason(cache.fingerprint, expected)
+    if reason is not None:
+        raise StaleCacheError(path, reason)
+    return cache
+
+
+@torch.inference_mode()
+def build_cache(
+    model: EarlyExitModel,
+    batches: list[tuple[dict, torch.Tensor]],
+    cache_fingerprint: dict[str, Any] | None = None,
+) -> LogitCache:
+    """One full-depth pass over prepared batches (no early exit): logits of every exit, in input order."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for inputs, labels in tqdm(batches, desc="caching exit logits", unit="batch"):
+        all_logits.append(model.forward_all_exits(inputs).float())
+        all_labels.append(labels)
+    return LogitCache(torch.cat(all_logits, dim=1), torch.cat(all_labels), dict(cache_fingerprint or {}))

@@ -1,0 +1,56 @@
+"""The per-model TorchServe YAML that calibration writes (DESIGN §5): TorchServe keys + the `epee:` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import TEXT_TASKS, ConfigError, ModelSpec, ServeConfig
+from ..policies import Policy
+
+
+@dataclass
+class ServingOptions:
+    """The TorchServe keys of the model YAML; `batch_size` is also the batch the cost model was timed at."""
+
+    batch_size: int = 8
+    max_batch_delay: int = 50  # ms TorchServe waits to fill a batch
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout: int = 120  # s
+
+    def check(self) -> None:
+        for name, value in vars(self).items():
+            minimum = 0 if name == "max_batch_delay" else 1
+            if value < minimum:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def model_yaml(spec: ModelSpec, policy: Policy, serving: ServingOptions) -> dict[str, Any]:
+    """A complete model YAML for `epee package --config`, checked with `ServeConfig.from_section`."""
+    section: dict[str, Any] = {"task": spec.task, "policy": policy.name}
+    section.update({key: value for key, value in policy.params.items() if key != "min_layer" or value != 1})
+    if spec.task in TEXT_TASKS:
+        section["max_length"] = spec.max_length
+    section["allow_request_override"] = True
+    config = {
+        "minWorkers": serving.min_workers,
+        "maxWorkers": serving.max_workers,
+        "batchSize": serving.batch_size,
+        "maxBatchDelay": serving.max_batch_delay,
+        "responseTimeout": serving.response_timeout,
+        "epee": section,
+    }
+    ServeConfig.from_section(section, source="calibrated 'epee:' section")
+    return config
+
+
+def write_model_yaml(path: str | Path, config: dict[str, Any], comment_lines: list[str]) -> None:
+    """Write the YAML with a provenance comment on top."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# {line}\n" for line in comment_lines)
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

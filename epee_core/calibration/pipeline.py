@@ -1,0 +1,152 @@
+"""`epee calibrate` end to end: get a fresh logit cache (reuse, or one full-depth pass), time the layers once,
+sweep and choose, then write the model YAML, the JSON report and the Pareto plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelSpec
+from ..data import read_examples
+from ..evaluation import prepare_batches
+from ..model import SPEC_FILE, EarlyExitModel
+from .cache import LogitCache, StaleCacheError, build_cache, fingerprint, load_fresh
+from .model_yaml import ServingOptions, model_yaml, write_model_yaml
+from .plot import plot_frontier
+from .sweep import CalibrationOptions, CalibrationResult, calibrate, check_metric
+from .timing import LayerTimes, measure_layer_times, representative_batch
+
+
+def _stderr(message: str) -> None:
+    print(f"epee: {message}", file=sys.stderr)
+
+
+@dataclass
+class CalibrationJob:
+    """Everything `epee calibrate` was asked to do."""
+
+    model_dir: str
+    data_path: str
+    output: str  # model YAML to write
+    plot: str | None = None
+    cache_path: str | None = None
+    report_path: str | None = None  # default: the output YAML with suffix `.report.json`
+    max_samples: int | None = None
+    serving: ServingOptions | None = None
+    options: CalibrationOptions | None = None
+
+    @property
+    def report_file(self) -> Path:
+        return Path(self.report_path) if self.report_path else Path(self.output).with_suffix(".report.json")
+
+
+def labelled_batches(
+    model: EarlyExitModel, data_path: str, max_samples: int | None, batch_size: int
+) -> list[tuple[dict, torch.Tensor]]:
+    """The dev data as model-ready batches with gold labels (the only task-specific step of calibration)."""
+    examples = read_examples(data_path, model.spec.task, max_samples)
+    return prepare_batches(model, examples, batch_size)
+
+
+def fresh_cache(
+    job: CalibrationJob, batch_size: int, notify: Callable[[str], None] = _stderr
+) -> tuple[LogitCache, LayerTimes, str]:
+    """A cache that matches the model and data, with layer timing at `batch_size`, and what was done to get it.
+
+    A `--cache` file is reused when its fingerprint matches; a stale one is rebuilt (and the reason printed).
+    Without `--cache` the logits live in memory only.
+    """
+    expected = fingerprint(job.model_dir, job.data_path, job.max_samples)
+    cache, status = None, "built (in memory only)"
+    if job.cache_path and Path(job.cache_path).exists():
+        try:
+            cache, status = load_fresh(job.cache_path, expected), "reused"
+        except StaleCacheError as error:
+            notify(f"{error}; rebuilding it")
+            status = f"rebuilt (stale: {error.reason})"
+    elif job.cache_path:
+        status = "built"
+    timing_batch = min(batch_size, cache.num_samples) if cache is not None else batch_size
+    timing_ok = cache is not None and (cache.timing or {}).get("batch_size") == timing_batch
+    if cache is not None and timing_ok:
+        return cache, LayerTimes.from_dict(cache.timing), status
+
+    model = EarlyExitModel.from_pretrained(job.model_dir)
+    batches = labelled_batches(model, job.data_path, job.max_samples, batch_size)
+    if cache is None:
+        cache = build_cache(model, batches, expected)
+    else:
+        status = f"{status}, layer timing re-measured at batch size {batch_size}"
+    timing = measure_layer_times(model, representative_batch(batches, batch_size))
+    cache.timing = timing.as_dict()
+    if job.cache_path:
+        cache.save(job.cache_path)
+    return cache, timing, status
+
+
+def _summary_lines(job: CalibrationJob, result: CalibrationResult, num_samples: int) -> list[str]:
+    metric, chosen, full = result.options.metric, result.chosen, result.full
+    lines = [
+        f"written by `epee calibrate` at {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"model {job.model_dir}, data {job.data_path} ({num_samples} samples), metric {metric}",
+        f"chosen {chosen.policy.describe()}: {result.choice.reason}",
+        f"calibration slice: {chosen.calibration.metric:.4f} vs full {full.calibration.metric:.4f}, "
+        f"{chosen.calibration.layer_speedup:.2f}x fewer layers",
+    ]
+    if chosen.held_back is not None and full.held_back is not None:
+        lines.append(f"held-back slice: {chosen.held_back.metric:.4f} vs full {full.held_back.metric:.4f}")
+    return lines + [f"warning: {warning}" for warning in result.warnings]
+
+
+def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr) -> dict[str, Any]:
+    """Calibrate, write the model YAML, the JSON report (and the plot); return the report without its
+    per-setting list."""
+    serving = job.serving or ServingOptions()
+    options = job.options or CalibrationOptions()
+    serving.check()
+    options.check()
+    spec = ModelSpec.load(Path(job.model_dir) / SPEC_FILE)
+    check_metric(spec, options.metric)  # before the (slow) full-depth pass
+    cache, timing, cache_status = fresh_cache(job, serving.batch_size, notify)
+    result = calibrate(cache, spec, options, timing)
+
+    config = model_yaml(spec, result.chosen.policy, serving)
+    write_model_yaml(job.output, config, _summary_lines(job, result, cache.num_samples))
+    if job.plot:
+        plot_frontier(
+            job.plot,
+            result.settings,
+            result.frontier,
+            result.full,
+            result.oracle,
+            result.chosen,
+            options.metric,
+            None if options.target_speedup is not None else options.max_accuracy_drop,
+            f"{Path(job.model_dir).name} on {Path(job.data_path).name}: {options.metric} vs average exit layer "
+            f"({int(result.split.calibration.numel())} calibration samples, {len(result.settings)} settings)",
+        )
+    header = {
+        "model": job.model_dir,
+        "data": job.data_path,
+        "task": spec.task,
+        "num_samples": cache.num_samples,
+        "num_layers": spec.num_layers,
+        "cache": {"path": job.cache_path, "status": cache_status},
+        "timing": timing.as_dict(),
+        "output": job.output,
+        "report": str(job.report_file),
+        "plot": job.plot,
+        "model_yaml": config,
+    }
+    report = {**header, **result.report(include_settings=True)}
+    job.report_file.parent.mkdir(parents=True, exist_ok=True)
+    job.report_file.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    report.pop("settings")
+    return report

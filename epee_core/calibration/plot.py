@@ -1,0 +1,114 @@
+"""The Pareto plot: metric vs average exit layer for every setting, frontier highlighted, choice marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .search import Setting
+
+POLICY_COLOURS = {
+    "static": "tab:gray",
+    "max_prob": "tab:pink",
+    "entropy": "tab:blue",
+    "patience": "tab:green",
+    "epee": "tab:orange",
+    "fpabee": "tab:purple",
+}
+
+
+def plot_frontier(
+    path: str | Path,
+    settings: list[Setting],
+    frontier: list[Setting],
+    full: Setting,
+    oracle: Setting,
+    chosen: Setting,
+    metric: str,
+    max_drop: float | None,
+    title: str,
+) -> None:
+    """Write a PNG of the calibration-slice sweep; the chosen setting's held-back score is drawn hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(10, 5.5), dpi=120)
+    for name, colour in POLICY_COLOURS.items():
+        points = [s.calibration for s in settings if s.policy.name == name]
+        if points:
+            axes.scatter(
+                [p.avg_exit_layer for p in points],
+                [p.metric for p in points],
+                s=16,
+                alpha=0.6,
+                color=colour,
+                zorder=3,
+                label=f"{name} ({len(points)} settings)",
+            )
+    axes.plot(
+        [s.calibration.avg_exit_layer for s in frontier],
+        [s.calibration.metric for s in frontier],
+        "-o",
+        color="black",
+        markerfacecolor="none",
+        markersize=8,
+        linewidth=2,
+        alpha=0.7,
+        zorder=2,
+        label=f"Pareto frontier ({len(frontier)} settings)",
+    )
+    if max_drop is not None:
+        axes.axhline(
+            full.calibration.metric - max_drop,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1,
+            label=f"budget (full − {max_drop})",
+        )
+    references = ((full, "full", "s", "tab:red"), (oracle, "oracle", "D", "tab:cyan"))
+    for setting, name, marker, colour in references:
+        point = setting.calibration
+        axes.scatter(
+            point.avg_exit_layer,
+            point.metric,
+            marker=marker,
+            s=70,
+            color=colour,
+            edgecolor="black",
+            zorder=5,
+            label=f"{name} ({point.metric:.3f} @ {point.avg_exit_layer:.2f})",
+        )
+    point = chosen.calibration
+    axes.scatter(
+        point.avg_exit_layer,
+        point.metric,
+        marker="*",
+        s=260,
+        color="gold",
+        edgecolor="black",
+        zorder=6,
+        label=f"chosen: {chosen.policy.describe()}",
+    )
+    if chosen.held_back is not None:
+        axes.scatter(
+            chosen.held_back.avg_exit_layer,
+            chosen.held_back.metric,
+            marker="*",
+            s=200,
+            facecolor="none",
+            edgecolor="black",
+            zorder=6,
+            label=f"chosen on held-back slice ({chosen.held_back.metric:.3f})",
+        )
+    axes.set_xlabel("average exit layer (lower is faster)")
+    axes.set_ylabel(f"{metric} (calibration slice)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, alpha=0.3)
+    low = min(oracle.calibration.metric, full.calibration.metric) - 0.15
+    axes.set_ylim(bottom=max(low, min(s.calibration.metric for s in settings + [full]) - 0.01))
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,44 @@
+"""Offline replay of a policy over cached exit logits, with the same `policy_step` the live runner uses.
+
+All rows are stepped together; a row's exit layer and output distribution are frozen at the first layer where
+its policy fires. `policy_step` is row-wise, so a row still running sees exactly what it would see in the live
+runner, where exited rows have been compacted away.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..policies import Policy, init_state, policy_step, predictions
+
+
+class ReplayResult(NamedTuple):
+    exit_layer: torch.Tensor  # [N] long, 1-based
+    probs: torch.Tensor  # [N, C] the distribution each row returns at its exit
+
+    def predictions(self, multi_label: bool) -> torch.Tensor:
+        return predictions(self.probs, multi_label)
+
+
+def replay_policy(
+    policy: Policy, logits: torch.Tensor, multi_label: bool, labels: torch.Tensor | None = None
+) -> ReplayResult:
+    """Exit layers and returned distributions of `policy` on cached logits [L, N, C]."""
+    num_layers, num_samples, num_outputs = logits.shape
+    policy.check_layers(num_layers)
+    state = init_state(num_samples, num_outputs, logits.device)
+    exit_layer = torch.full((num_samples,), num_layers, dtype=torch.long, device=logits.device)
+    out_probs = torch.zeros(num_samples, num_outputs, device=logits.device)
+    active = torch.ones(num_samples, dtype=torch.bool, device=logits.device)
+    for index in range(num_layers):
+        step = policy_step(policy, logits[index], state, index + 1, num_layers, multi_label, labels)
+        state = step.state
+        leaving = step.exit_mask & active
+        exit_layer[leaving] = index + 1
+        out_probs[leaving] = step.probs[leaving]
+        active &= ~step.exit_mask
+        if not bool(active.any()):
+            break
+    return ReplayResult(exit_layer, out_probs)

@@ -1,0 +1,245 @@
+"""The sweep: every policy setting replayed on the cache, scored on the calibration and held-back slices; the
+Pareto frontier (metric vs average exit layer) and the choice under an accuracy budget or a speed-up target."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import ModelSpec
+from ..metrics import task_metrics
+from ..policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
+from .replay import ReplayResult, replay_policy
+from .timing import LayerTimes
+
+ENTROPY_THRESHOLDS = (
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+)
+EPEE_THRESHOLDS = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+FAST_RATIOS = (0.0, 0.25, 0.5)
+MAX_PROB_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+SIMILARITY_THRESHOLDS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)
+# A tie within this tolerance counts as meeting the budget (metrics are ratios of small integers).
+_TOLERANCE = 1e-9
+
+
+def search_space(num_layers: int) -> list[Policy]:
+    """Every setting the sweep tries, in a fixed order (earlier wins exact ties): `static` k, `max_prob`,
+    `entropy`, `patience` 1..L-1, `epee` τ × patience × fast_ratio × ensemble, `fpabee` similarity × δ × patience."""
+    patiences = range(1, num_layers)
+    settings: list[tuple[str, dict[str, Any]]] = [("static", {"layer": k}) for k in range(1, num_layers)]
+    settings += [("max_prob", {"threshold": t}) for t in MAX_PROB_THRESHOLDS]
+    settings += [("entropy", {"entropy_threshold": t}) for t in ENTROPY_THRESHOLDS]
+    settings += [("patience", {"patience": t}) for t in patiences]
+    settings += [
+        ("epee", {"entropy_threshold": tau, "patience": t, "fast_ratio": r, "ensemble": ensemble})
+        for tau in EPEE_THRESHOLDS
+        for t in patiences
+        for r in FAST_RATIOS
+        for ensemble in ENSEMBLES
+    ]
+    settings += [
+        ("fpabee", {"similarity": similarity, "similarity_threshold": delta, "patience": t})
+        for similarity in SIMILARITIES
+        for delta in SIMILARITY_THRESHOLDS
+        for t in patiences
+    ]
+    return [make_policy(name, params) for name, params in settings]
+
+
+@dataclass
+class SliceScore:
+    """One setting on one slice of the dev data."""
+
+    metric: float  # the metric calibration optimises
+    metrics: dict[str, float]  # every task metric
+    avg_exit_layer: float
+    layer_speedup: float  # num_layers / avg_exit_layer
+    est_batch_ms: float | None  # cost-model latency of one batch (None without timing)
+    est_speedup: float | None  # full's estimated latency / this one's
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+@dataclass
+class Setting:
+    """A policy setting and its scores on the calibration slice and the held-back slice."""
+
+    policy: Policy
+    calibration: SliceScore
+    held_back: SliceScore | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.name,
+            "params": self.policy.params,
+            "setting": self.policy.describe(),
+            "calibration": self.calibration.as_dict(),
+            "held_back": self.held_back.as_dict() if self.held_back else None,
+        }
+
+
+@dataclass
+class DevSplit:
+    """Row indices of the calibration slice (the choice is made here) and the held-back slice (checked only)."""
+
+    calibration: torch.Tensor
+    held_back: torch.Tensor | None
+
+    @classmethod
+    def seeded(cls, num_samples: int, held_back_fraction: float, seed: int) -> DevSplit:
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+        held = round(num_samples * held_back_fraction)
+        if held_back_fraction > 0:
+            held = min(max(held, 1), num_samples - 1)
+        if held <= 0:
+            return cls(order.sort().values, None)
+        return cls(order[held:].sort().values, order[:held].sort().values)
+
+
+class Scorer:
+    """Scores replayed settings with the task metric and the cost model."""
+
+    def __init__(self, spec: ModelSpec, labels: torch.Tensor, metric: str, timing: LayerTimes | None):
+        self.spec, self.labels, self.metric, self.timing = spec, labels, metric, timing
+
+    def metrics(self, result: ReplayResult, rows: torch.Tensor) -> dict[str, float]:
+        spec = self.spec
+        predicted = result.predictions(spec.multi_label)[rows]
+        return task_metrics(
+            spec.task, self.labels[rows].numpy(), predicted.numpy(), spec.labels, spec.negative_label
+        )
+
+    def score(self, result: ReplayResult, rows: torch.Tensor) -> SliceScore:
+        metrics = self.metrics(result, rows)
+        exit_layer = result.exit_layer[rows]
+        avg_exit = float(exit_layer.float().mean())
+        est_ms = est_speedup = None
+        if self.timing is not None:
+            est_ms = round(self.timing.batch_ms(exit_layer), 4)
+            est_speedup = round(self.timing.full_ms / est_ms, 4)
+        return SliceScore(
+            metric=metrics[self.metric],
+            metrics=metrics,
+            avg_exit_layer=round(avg_exit, 4),
+            layer_speedup=round(self.spec.num_layers / avg_exit, 4),
+            est_batch_ms=est_ms,
+            est_speedup=est_speedup,
+        )
+
+
+def evaluate_settings(
+    policies: Iterable[Policy], logits: torch.Tensor, scorer: Scorer, split: DevSplit
+) -> list[Setting]:
+    """Replay each policy on the whole cache once, then score both slices."""
+    settings = []
+    for policy in policies:
+        result = replay_policy(policy, logits, scorer.spec.multi_label, scorer.labels)
+        held = scorer.score(result, split.held_back) if split.held_back is not None else None
+        settings.append(Setting(policy, scorer.score(result, split.calibration), held))
+    return settings
+
+
+def pareto_frontier(settings: list[Setting]) -> list[Setting]:
+    """Settings no other beats on both axes (lower average exit layer, higher metric), fastest first."""
+    ranked = sorted(settings, key=lambda s: (s.calibration.avg_exit_layer, -s.calibration.metric))
+    frontier: list[Setting] = []
+    for setting in ranked:
+        if not frontier or setting.calibration.metric > frontier[-1].calibration.metric + _TOLERANCE:
+            frontier.append(setting)
+    return frontier
+
+
+@dataclass
+class Choice:
+    setting: Setting
+    reason: str
+    feasible: int  # settings that met the constraint (0 when falling back to `full`)
+
+
+def _best(settings: list[Setting]) -> str:
+    if not settings:
+        return "no early-exit setting saves a layer"
+    best = max(settings, key=lambda s: (s.calibration.metric, -s.calibration.avg_exit_layer))
+    return f"the best early-exit setting, {best.policy.describe()}, scores {best.calibration.metric:.4f}"
+
+
+def choose_within_budget(settings: list[Setting], full: Setting, max_drop: float, metric: str) -> Choice:
+    """The setting with the lowest average exit layer whose calibration metric is within `max_drop` of full's."""
+    floor = full.calibration.metric - max_drop
+    faster = [s for s in settings if s.calibration.avg_exit_layer < full.calibration.avg_exit_layer]
+    feasible = [s for s in faster if s.calibration.metric >= floor - _TOLERANCE]
+    if not feasible:
+        return Choice(
+            full,
+            f"no early-exit setting keeps {metric} within {max_drop} of full "
+            f"({full.calibration.metric:.4f}, so at least {floor:.4f}) on the calibration slice: "
+            f"{_best(faster)}; serving full depth",
+            0,
+        )
+    chosen = min(feasible, key=lambda s: (s.calibration.avg_exit_layer, -s.calibration.metric))
+    return Choice(
+        chosen,
+        f"fastest of {len(feasible)} settings whose calibration {metric} is within {max_drop} of full's "
+        f"{full.calibration.metric:.4f}",
+        len(feasible),
+    )
+
+
+def choose_for_speedup(settings: list[Setting], full: Setting, target_speedup: float, metric: str) -> Choice:
+    """The most accurate setting using at least `target_speedup`× fewer layers than full."""
+    feasible = [s for s in settings if s.calibration.layer_speedup >= target_speedup - _TOLERANCE]
+    if not feasible:
+        fastest = max((s.calibration.layer_speedup for s in settings), default=1.0)
+        return Choice(
+            full,
+            f"no setting reaches {target_speedup}x fewer layers on the calibration slice "
+            f"(the fastest reaches {fastest:.2f}x); serving full depth",
+            0,
+        )
+    chosen = max(feasible, key=lambda s: (s.calibration.metric, -s.calibration.avg_exit_layer))
+    return Choice(
+        chosen,
+        f"highest calibration {metric} of {len(feasible)} settings with at least {target_speedup}x fewer layers",
+        len(feasible),
+    )
+
+
+def held_back_warnings(choice: Setting, full: Setting, tolerance: float, metric: str) -> list[str]:
+    """Over-fitting checks on the held-back slice, which the choice never saw."""
+    if choice.held_back is None or full.held_back is None:
+        return []
+    warnings = []
+    calibration, held = choice.calibration.metric, choice.held_back.metric
+    if abs(held - calibration) > tolerance + _TOLERANCE:
+        warnings.append(
+            f"{choice.policy.describe()}: held-back {metric} {held:.4f} differs from the calibration slice's "
+            f"{calibration:.4f} by {abs(held - calibration):.4f} (> {tolerance}); full scores "
+            f"{full.held_back.metric:.4f} held back vs {full.calibration.metric:.4f}"
+        )
+    held_drop = full.held_back.metric - held
+    if choice.policy.name != "full" and held_drop > tolerance + _TOLERANCE:
+        warnings.append(
+            f"{choice.policy.describe()}: on the held-back slice it is {held_drop:.4f} below full "
+            f"(> {tolerance}): the budget may not hold on new data; consider more dev data or a smaller budget"
+        )
+    return warnings

@@ -1,0 +1,98 @@
+"""The cost model: embedding, per-layer and per-exit-head time measured once with the real model.
+
+A batch that runs layer i on a fraction a_i of its rows costs about embed + Σ_i a_i · (layer_i + head_i): layer
+cost scales with the rows still active (the runner compacts the batch). Σ_i a_i is the average exit layer, so
+the estimate is the average exit layer weighted by what each layer really costs on this machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..model import EarlyExitModel
+
+
+@dataclass
+class LayerTimes:
+    """Median milliseconds for one batch of `batch_size` rows of `seq_len` tokens (or the model's input size)."""
+
+    batch_size: int
+    seq_len: int
+    embed_ms: float
+    layer_ms: list[float]  # per layer
+    head_ms: list[float]  # per exit head
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerTimes:
+        return cls(**data)
+
+    @property
+    def full_ms(self) -> float:
+        return self.embed_ms + sum(self.layer_ms) + sum(self.head_ms)
+
+    def batch_ms(self, exit_layer: torch.Tensor) -> float:
+        """Estimated time of a batch whose rows exit at `exit_layer` (1-based) under the linear-in-rows model."""
+        exit_layer = exit_layer.float()
+        total = self.embed_ms
+        for index, (layer, head) in enumerate(zip(self.layer_ms, self.head_ms)):
+            active_fraction = float((exit_layer >= index + 1).float().mean())
+            total += active_fraction * (layer + head)
+        return total
+
+
+@torch.inference_mode()
+def measure_layer_times(
+    model: EarlyExitModel, inputs: dict[str, torch.Tensor], repeats: int = 5
+) -> LayerTimes:
+    """Time embed, every layer and every exit head on one real batch (after one warm-up pass); medians in ms."""
+    model.eval()
+    backbone = model.backbone
+    model.forward_all_exits(inputs)  # warm-up: allocator, kernels
+    embed_runs: list[float] = []
+    layer_runs: list[list[float]] = [[] for _ in range(model.num_layers)]
+    head_runs: list[list[float]] = [[] for _ in range(model.num_layers)]
+    for _ in range(repeats):
+        started = time.perf_counter()
+        hidden, mask = backbone.embed(inputs)
+        bias = backbone.attention_bias(mask, hidden.dtype)
+        embed_runs.append(time.perf_counter() - started)
+        for index in range(model.num_layers):
+            started = time.perf_counter()
+            hidden = backbone.layer(index, hidden, bias)
+            layer_done = time.perf_counter()
+            model.exits(index, hidden, mask)
+            head_runs[index].append(time.perf_counter() - layer_done)
+            layer_runs[index].append(layer_done - started)
+
+    def median_ms(runs: list[float]) -> float:
+        return round(statistics.median(runs) * 1000.0, 4)
+
+    return LayerTimes(
+        batch_size=int(mask.shape[0]),
+        seq_len=int(mask.shape[1]) if mask.dim() > 1 else 0,
+        embed_ms=median_ms(embed_runs),
+        layer_ms=[median_ms(runs) for runs in layer_runs],
+        head_ms=[median_ms(runs) for runs in head_runs],
+    )
+
+
+def representative_batch(
+    batches: list[tuple[dict, torch.Tensor]], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The full-size batch of median padded length (the cost model's reference input)."""
+    full_size = [inputs for inputs, labels in batches if int(labels.shape[0]) == batch_size] or [
+        batches[0][0]
+    ]
+
+    def padded_length(inputs: dict[str, torch.Tensor]) -> int:
+        mask = inputs.get("attention_mask")
+        return int(mask.shape[1]) if mask is not None else 0
+
+    return sorted(full_size, key=padded_length)[len(full_size) // 2]
