@@ -58,11 +58,16 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def data_fingerprint(data_path: str | Path, max_samples: int | None) -> dict[str, Any]:
-    """What identifies the calibration data: the file's hash and how many examples were read."""
+    """What identifies the calibration data: the hash of the file (or of every file of an image folder) and
+    how many examples were read."""
     path = Path(data_path)
-    if not path.is_file():
+    if path.is_file():
+        digest = _hash_files([path], path.parent)
+    elif path.is_dir():
+        digest = _hash_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
+    else:
         raise ConfigError(f"{path}: data file not found")
-    return {"data_sha256": _hash_files([path], path.parent), "max_samples": max_samples}
+    return {"data_sha256": digest, "max_samples": max_samples}
 
 
 def fingerprint(model_dir: str | Path, data_path: str | Path, max_samples: int | None) -> dict[str, Any]:

@@ -7,7 +7,6 @@ the estimate is the average exit layer weighted by what each layer really costs 
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,7 +17,7 @@ from ..model import EarlyExitModel
 
 @dataclass
 class LayerTimes:
-    """Median milliseconds for one batch of `batch_size` rows of `seq_len` tokens (or the model's input size)."""
+    """Milliseconds for one batch of `batch_size` rows of `seq_len` tokens (or the model's input size)."""
 
     batch_size: int
     seq_len: int
@@ -51,7 +50,8 @@ class LayerTimes:
 def measure_layer_times(
     model: EarlyExitModel, inputs: dict[str, torch.Tensor], repeats: int = 5
 ) -> LayerTimes:
-    """Time embed, every layer and every exit head on one real batch (after one warm-up pass); medians in ms."""
+    """Time embed, every layer and every exit head on one real batch, after one warm-up pass. Each figure is the
+    fastest of `repeats` runs: other processes on a shared machine only ever add time."""
     model.eval()
     backbone = model.backbone
     model.forward_all_exits(inputs)  # warm-up: allocator, kernels
@@ -71,15 +71,15 @@ def measure_layer_times(
             head_runs[index].append(time.perf_counter() - layer_done)
             layer_runs[index].append(layer_done - started)
 
-    def median_ms(runs: list[float]) -> float:
-        return round(statistics.median(runs) * 1000.0, 4)
+    def fastest_ms(runs: list[float]) -> float:
+        return round(min(runs) * 1000.0, 4)
 
     return LayerTimes(
         batch_size=int(mask.shape[0]),
         seq_len=int(mask.shape[1]) if mask.dim() > 1 else 0,
-        embed_ms=median_ms(embed_runs),
-        layer_ms=[median_ms(runs) for runs in layer_runs],
-        head_ms=[median_ms(runs) for runs in head_runs],
+        embed_ms=fastest_ms(embed_runs),
+        layer_ms=[fastest_ms(runs) for runs in layer_runs],
+        head_ms=[fastest_ms(runs) for runs in head_runs],
     )
 
 
