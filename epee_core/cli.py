@@ -80,13 +80,23 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def add_train(commands) -> None:
-    parser = commands.add_parser("train", help="train a backbone and its exit heads on a JSONL data set")
+    parser = commands.add_parser(
+        "train", help="train a backbone and its exit heads on a JSONL data set (images: .npz or image folder)"
+    )
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument(
-        "--backbone", required=True, help="minilm, bert-small, or a local Hugging Face checkpoint dir"
+        "--backbone",
+        required=True,
+        help="minilm, bert-small, albert-small, gpt2-small, vit-small, or a local Hugging Face checkpoint dir",
     )
-    parser.add_argument("--train", required=True, help="training JSONL file")
-    parser.add_argument("--dev", required=True, help="dev JSONL file (per-exit accuracy after each epoch)")
+    parser.add_argument(
+        "--train", required=True, help="training JSONL file; images: MedMNIST .npz (train_*) or image folder"
+    )
+    parser.add_argument(
+        "--dev",
+        required=True,
+        help="dev JSONL file (per-exit accuracy after each epoch); images: .npz (val_*) or image folder",
+    )
     parser.add_argument("--output", required=True, help="model directory to write")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-samples", type=int, help="use only the first N training examples")
@@ -152,7 +162,11 @@ def add_evaluate(commands) -> None:
         "evaluate", help="accuracy, average exit layer and speed of policies on labelled data"
     )
     parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument("--data", required=True, help="labelled JSONL file")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled JSONL file; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+    )
     parser.add_argument(
         "--policy", help=f"one or more of {','.join(POLICY_NAMES)}, comma-separated (default: epee)"
     )
@@ -167,13 +181,13 @@ def add_evaluate(commands) -> None:
 
 
 def run_evaluate(args) -> None:
-    from .data import read_examples
+    from .data import read_task_examples
     from .evaluation import evaluate_policies
     from .model import EarlyExitModel
 
     policies = policies_from_args(args.policy, args.set, args.config)
     model = EarlyExitModel.from_pretrained(args.model)
-    examples = read_examples(args.data, model.spec.task, args.max_samples)
+    examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
     results = evaluate_policies(model, examples, policies, args.batch_size)
     columns = list(EVALUATE_COLUMNS)
     extra = {"relation-extraction": ("micro_f1", "micro_f1"), "multi-label": ("example_f1", "example_f1")}

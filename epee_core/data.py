@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .images import read_image_examples
 
 ENTITY_MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
 
@@ -68,6 +69,15 @@ def read_examples(path: str | Path, task: str, max_samples: int | None = None) -
     if not examples:
         raise ConfigError(f"{path}: no examples")
     return examples
+
+
+def read_task_examples(path: str | Path, task: str, split: str, max_samples: int | None = None) -> list:
+    """The labelled examples of a data file for `task`: JSONL for text tasks; for image-classification a MedMNIST
+    `.npz` (split `train` reads `train_*`, `dev` reads `val_*`, `eval` reads `test_*` else `val_*`) or an image
+    folder. `split` only matters for `.npz` files."""
+    if task == "image-classification":
+        return read_image_examples(path, split, max_samples)
+    return read_examples(path, task, max_samples)
 
 
 def label_vocabulary(examples: list[Example], task: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .backbones import build_backbone
-from .config import TEXT_TASKS, ConfigError, ModelSpec
+from .config import ConfigError, ModelSpec
 from .data import (
     Example,
     add_entity_markers,
@@ -21,8 +22,9 @@ from .data import (
     label_tensor,
     label_vocabulary,
     model_text,
-    read_examples,
+    read_task_examples,
 )
+from .images import ImageExample, encode_images, image_transform
 from .metrics import task_metrics
 from .model import EarlyExitModel
 from .policies import predictions
@@ -72,11 +74,15 @@ def _batches(items: list, batch_size: int) -> list[list]:
 
 def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
     """A fresh early-exit model on the named backbone, heads randomly initialised."""
-    if config.task not in TEXT_TASKS:
+    backbone, preprocessor = build_backbone(config.backbone)
+    if config.task == "image-classification":
+        return _build_image_model(config, labels, backbone, preprocessor)
+    if backbone.modality != "text":
         raise ConfigError(
-            f"epee train: task '{config.task}' is not supported yet (text tasks: {', '.join(TEXT_TASKS)})"
+            f"--backbone {config.backbone}: task {config.task} needs a text backbone, "
+            f"'{backbone.kind}' takes images"
         )
-    backbone, tokenizer = build_backbone(config.backbone)
+    tokenizer = preprocessor
     entity_markers: list[str] = []
     if config.task == "relation-extraction":
         add_entity_markers(tokenizer)
@@ -97,7 +103,32 @@ def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
     return EarlyExitModel(spec, backbone, tokenizer)
 
 
-def encode_examples(model: EarlyExitModel, examples: list[Example]) -> dict[str, torch.Tensor]:
+def _build_image_model(config: TrainConfig, labels: list[str], backbone, image_processor) -> EarlyExitModel:
+    if backbone.modality != "image":
+        raise ConfigError(
+            f"--backbone {config.backbone}: task image-classification needs an image backbone "
+            f"(vit-small or a ViT checkpoint directory), '{backbone.kind}' takes text"
+        )
+    spec = ModelSpec(
+        task=config.task,
+        labels=labels,
+        backbone=backbone.kind,
+        pooling=config.pooling or backbone.default_pooling,
+        num_layers=backbone.num_layers,
+        hidden_size=backbone.hidden_size,
+        image_size=backbone.image_size,
+        num_channels=backbone.num_channels,
+    )
+    return EarlyExitModel(spec, backbone, image_processor=image_processor)
+
+
+def encode_examples(
+    model: EarlyExitModel, examples: list[Example] | list[ImageExample]
+) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch: right-padded tokens for text tasks, `pixel_values` for images."""
+    if model.spec.task == "image-classification":
+        transform = image_transform(model.image_processor, model.spec.num_channels)
+        return encode_images(transform, [example.image for example in examples])
     texts = [model_text(example, model.spec.task) for example in examples]
     return encode_texts(model.tokenizer, texts, model.spec.max_length)
 
@@ -132,14 +163,15 @@ def train(config: TrainConfig) -> dict:
     """Train, evaluate each exit on the dev set after every epoch, save the model directory; return a summary."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    train_examples = read_examples(config.train_path, config.task, config.max_samples)
-    dev_examples = read_examples(config.dev_path, config.task, config.max_dev_samples)
+    train_examples = read_task_examples(config.train_path, config.task, "train", config.max_samples)
+    dev_examples = read_task_examples(config.dev_path, config.task, "dev", config.max_dev_samples)
     labels = label_vocabulary(train_examples, config.task)
     model = build_model(config, labels)
-    for example in (
-        train_examples + dev_examples
-    ):  # fail on bad relation-extraction rows before training starts
-        model_text(example, config.task)
+    if config.task != "image-classification":
+        for example in (
+            train_examples + dev_examples
+        ):  # fail on bad relation-extraction rows before training starts
+            model_text(example, config.task)
 
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -180,7 +212,10 @@ def train(config: TrainConfig) -> dict:
         history.append(
             {"epoch": epoch, "loss": running, "dev_accuracy_per_exit": [round(m["accuracy"], 4) for m in dev]}
         )
-        tqdm.write(f"epoch {epoch}: dev accuracy per exit " + " ".join(f"{m['accuracy']:.3f}" for m in dev))
+        tqdm.write(  # stderr, like the progress bar: `--json` keeps stdout to one JSON object
+            f"epoch {epoch}: dev accuracy per exit " + " ".join(f"{m['accuracy']:.3f}" for m in dev),
+            file=sys.stderr,
+        )
 
     model.eval()
     model.spec.training = {
