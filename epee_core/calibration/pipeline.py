@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ModelSpec
-from ..data import read_examples
+from ..data import read_task_examples
 from ..evaluation import prepare_batches
 from ..model import SPEC_FILE, EarlyExitModel
 from .cache import LogitCache, StaleCacheError, build_cache, fingerprint, load_fresh
@@ -50,8 +50,9 @@ class CalibrationJob:
 def labelled_batches(
     model: EarlyExitModel, data_path: str, max_samples: int | None, batch_size: int
 ) -> list[tuple[dict, torch.Tensor]]:
-    """The dev data as model-ready batches with gold labels (the only task-specific step of calibration)."""
-    examples = read_examples(data_path, model.spec.task, max_samples)
+    """The dev data as model-ready batches with gold labels (the only task-specific step of calibration): JSONL
+    for text tasks; for images a MedMNIST `.npz` (its `test_*` arrays, else `val_*`) or an image folder."""
+    examples = read_task_examples(data_path, model.spec.task, "eval", max_samples)
     return prepare_batches(model, examples, batch_size)
 
 
