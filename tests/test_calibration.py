@@ -1,0 +1,407 @@
+"""Calibration (issue 6): replay on cached logits equals the live runner, the choice on synthetic caches with a
+known optimum, the `full` fallback, cache reuse and staleness, and the model YAML it writes."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import DEMO_DATA, LABELS, build_tiny_model
+
+from epee_core.calibration import (
+    CalibrationJob,
+    CalibrationOptions,
+    LogitCache,
+    ServingOptions,
+    StaleCacheError,
+    build_cache,
+    calibrate,
+    fingerprint,
+    load_fresh,
+    model_yaml,
+    replay_policy,
+    run_calibration,
+)
+from epee_core.calibration.pipeline import fresh_cache
+from epee_core.calibration.sweep import single_thread
+from epee_core.cli import main
+from epee_core.config import ModelSpec, ServeConfig
+from epee_core.data import read_examples
+from epee_core.evaluation import prepare_batches
+from epee_core.policies import (
+    POLICY_NAMES,
+    SIMILARITIES,
+    divergence,
+    layer_probs,
+    make_policy,
+    normalised_entropy,
+)
+from epee_core.runner import run_early_exit
+
+NUM_DEV = 24
+
+
+def write_dev_file(path, task: str, num_samples: int = NUM_DEV, seed: int = 0):
+    """Demo sentences with random labels from the tiny model's label set."""
+    rng = random.Random(seed)
+    labels = LABELS[task]
+    with (DEMO_DATA / "ade_demo_dev.jsonl").open() as lines, path.open("w") as out:
+        for _, line in zip(range(num_samples), lines):
+            record = {"text": json.loads(line)["text"]}
+            if task == "multi-label":
+                record["labels"] = [label for label in labels if rng.random() < 0.4]
+            else:
+                record["label"] = rng.choice(labels)
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+# --- replay equals the live runner -------------------------------------------------------------------------
+
+
+def between(values: torch.Tensor, quantile: float) -> float:
+    """A threshold halfway between two neighbouring observed values near `quantile`, so no value sits on it."""
+    ordered = values.flatten().sort().values
+    index = min(int(quantile * (ordered.numel() - 1)), ordered.numel() - 2)
+    return float((ordered[index] + ordered[index + 1]) / 2)
+
+
+def policies_for(cache: LogitCache, multi_label: bool) -> list:
+    """Every policy of DESIGN §3, with thresholds placed inside the cache's own value ranges so exits vary."""
+    probs = layer_probs(cache.logits, multi_label)
+    entropy = normalised_entropy(probs, multi_label)
+    confidence = torch.maximum(probs, 1 - probs).amin(-1) if multi_label else probs.amax(-1)
+    policies = [
+        make_policy("full"),
+        make_policy("static", {"layer": 2}),
+        make_policy("max_prob", {"threshold": between(confidence, 0.5)}),
+        make_policy("entropy", {"entropy_threshold": between(entropy, 0.4)}),
+        make_policy("patience", {"patience": 1}),
+        make_policy("patience", {"patience": 2}),
+        make_policy("oracle"),
+    ]
+    for ensemble, fast_ratio in (("last", 0.25), ("window_mean", 0.0), ("window_mean", 0.5)):
+        params = {"entropy_threshold": between(entropy, 0.6), "patience": 2}
+        policies.append(make_policy("epee", {**params, "fast_ratio": fast_ratio, "ensemble": ensemble}))
+    for similarity in SIMILARITIES:
+        gaps = divergence(probs[:-1].flatten(0, 1), probs[1:].flatten(0, 1), similarity, multi_label)
+        for patience in (1, 2):
+            params = {
+                "similarity": similarity,
+                "similarity_threshold": between(gaps, 0.5),
+                "patience": patience,
+            }
+            policies.append(make_policy("fpabee", params))
+    return policies
+
+
+@pytest.fixture(scope="module", params=["text-classification", "multi-label"])
+def cached_model(request, tokenizer, tmp_path_factory):
+    """A tiny model, its dev batches (batch 8) and the logit cache built from them."""
+    task = request.param
+    model = build_tiny_model(tokenizer, task=task)
+    dev_file = write_dev_file(tmp_path_factory.mktemp("dev") / "dev.jsonl", task)
+    examples = read_examples(dev_file, task)
+    cache = build_cache(model, prepare_batches(model, examples, 8))
+    return model, examples, cache
+
+
+def test_cache_holds_every_exit_for_every_sample(cached_model):
+    model, examples, cache = cached_model
+    assert cache.logits.shape == (model.num_layers, len(examples), len(model.spec.labels))
+    assert cache.labels.shape[0] == len(examples)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_replay_gives_the_live_runners_exit_layers_and_predictions(cached_model, batch_size):
+    model, examples, cache = cached_model
+    policies = policies_for(cache, model.multi_label)
+    assert {policy.name for policy in policies} == set(POLICY_NAMES)
+    batches = prepare_batches(model, examples, batch_size)
+    for policy in policies:
+        with single_thread():  # tiny tensors: threads only add overhead
+            live = [run_early_exit(model, inputs, policy, labels) for inputs, labels in batches]
+        live_exit = torch.cat([result.exit_layer for result in live])
+        live_pred = torch.cat([result.predictions(model.multi_label) for result in live])
+        replayed = replay_policy(policy, cache.logits, model.multi_label, cache.labels)
+        assert torch.equal(replayed.exit_layer, live_exit), policy.describe()
+        assert torch.equal(replayed.predictions(model.multi_label), live_pred), policy.describe()
+        torch.testing.assert_close(replayed.probs, torch.cat([r.probs for r in live]), atol=1e-5, rtol=1e-4)
+
+
+def test_replay_policies_exit_at_varied_layers(cached_model):
+    """Guards the test above: with thresholds inside the value ranges, early-exit rules really fire."""
+    model, _, cache = cached_model
+    early = [
+        policy.describe()
+        for policy in policies_for(cache, model.multi_label)
+        if policy.name not in ("full", "static")
+        and 1 < len(replay_policy(policy, cache.logits, model.multi_label, cache.labels).exit_layer.unique())
+    ]
+    assert len(early) >= 8, early
+
+
+# --- the choice on synthetic caches ------------------------------------------------------------------------
+
+SYNTHETIC_SPEC = ModelSpec(
+    task="text-classification",
+    labels=["a", "b", "c"],
+    backbone="bert",
+    pooling="mean",
+    num_layers=4,
+    hidden_size=8,
+)
+
+
+def synthetic_cache(groups: list[tuple[int, list[tuple[int, float]]]], gold: int = 0) -> LogitCache:
+    """`groups`: (number of samples, per layer (predicted class, logit margin)); every sample's gold is `gold`."""
+    rows = []
+    for count, layers in groups:
+        logits = torch.zeros(len(layers), 1, len(SYNTHETIC_SPEC.labels))
+        for index, (predicted, margin) in enumerate(layers):
+            logits[index, 0, predicted] = margin
+        rows += [logits] * count
+    logits = torch.cat(rows, dim=1)
+    return LogitCache(logits, torch.full((logits.shape[1],), gold, dtype=torch.long))
+
+
+EASY = (50, [(0, 10.0)] * 4)
+HARD = (50, [(1, 2.0), (1, 2.0), (0, 10.0), (0, 10.0)])
+
+
+def test_calibrate_returns_the_known_optimum():
+    # Easy rows are right and sure from layer 1; hard rows (50-99) are wrong and unsure (p = 0.79) at layers 1-2,
+    # then right and sure. Keeping accuracy means hard rows exit at 3, easy rows at 1 (the oracle's average).
+    cache = synthetic_cache([EASY, HARD])
+    result = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(max_accuracy_drop=0.01))
+
+    assert result.full.calibration.metric == 1.0
+    assert result.chosen.policy.name != "full"
+    assert result.chosen.calibration.metric == 1.0
+    hard_share = float((result.split.calibration >= 50).float().mean())
+    assert result.chosen.calibration.avg_exit_layer == pytest.approx(1.0 + 2.0 * hard_share, abs=1e-4)
+    assert result.chosen.calibration.avg_exit_layer == result.oracle.calibration.avg_exit_layer
+    exit_layer = replay_policy(result.chosen.policy, cache.logits, False).exit_layer
+    assert exit_layer.tolist() == [1] * 50 + [3] * 50
+    assert result.chosen.held_back.metric == 1.0
+    assert result.warnings == []
+
+
+def test_calibrate_finds_patience_when_early_exits_are_confidently_wrong():
+    # Every exit is equally sure, so confidence rules cannot tell rows apart; hard rows change their mind at
+    # layers 1-2 and settle at 3. Patience 1 exits easy rows at 2 and hard rows at 4: 0.8·2 + 0.2·4 = 2.4,
+    # while a static exit would need layer 3 to stay correct.
+    easy = (80, [(0, 8.0)] * 4)
+    hard = (20, [(1, 8.0), (2, 8.0), (0, 8.0), (0, 8.0)])  # rows 80-99
+    result = calibrate(synthetic_cache([easy, hard]), SYNTHETIC_SPEC, CalibrationOptions())
+
+    assert result.chosen.policy == make_policy("patience", {"patience": 1})
+    assert result.chosen.calibration.metric == 1.0
+    hard_share = float((result.split.calibration >= 80).float().mean())
+    assert result.chosen.calibration.avg_exit_layer == pytest.approx(2.0 + 2.0 * hard_share, abs=1e-4)
+    assert result.chosen in result.frontier
+
+
+def test_target_speedup_picks_the_most_accurate_setting_that_is_fast_enough():
+    cache = synthetic_cache([EASY, HARD])
+    result = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(target_speedup=1.5))
+    assert result.chosen.calibration.layer_speedup >= 1.5
+    assert result.chosen.calibration.metric == 1.0
+    # 4x on a 4-layer model means exiting everything at layer 1, where hard rows are wrong.
+    result = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(target_speedup=4.0))
+    assert result.chosen.calibration.avg_exit_layer == 1.0
+    assert result.chosen.calibration.metric == pytest.approx(
+        float((result.split.calibration < 50).float().mean())
+    )
+
+
+def test_impossible_budget_chooses_full_and_says_why():
+    # Half the rows are wrong, and sure of it, until the last layer: any early exit loses about half of them.
+    late = (50, [(1, 10.0), (1, 10.0), (1, 10.0), (0, 10.0)])
+    result = calibrate(
+        synthetic_cache([EASY, late]), SYNTHETIC_SPEC, CalibrationOptions(max_accuracy_drop=0.01)
+    )
+
+    assert result.chosen.policy.name == "full"
+    assert result.choice.feasible == 0
+    assert "no early-exit setting keeps accuracy within 0.01 of full" in result.choice.reason
+    assert "serving full depth" in result.choice.reason
+    assert result.chosen.calibration.avg_exit_layer == 4.0
+
+
+def test_unreachable_speedup_chooses_full_and_says_why():
+    cache = synthetic_cache([(10, [(0, 10.0)] * 4)])
+    result = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(target_speedup=5.0))
+    assert result.chosen.policy.name == "full"
+    assert "no setting reaches 5.0x fewer layers" in result.choice.reason
+    assert "the fastest reaches 4.00x" in result.choice.reason
+
+
+def test_held_back_slice_never_influences_the_choice():
+    cache = synthetic_cache([EASY, HARD])
+    first = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(seed=3))
+    rows = first.split.calibration
+    assert first.split.held_back is not None and len(first.split.held_back) == 30
+    assert set(rows.tolist()).isdisjoint(first.split.held_back.tolist())
+    # Scramble the held-back rows' labels: the choice (made on the calibration slice) stays the same ...
+    scrambled = LogitCache(cache.logits, cache.labels.clone())
+    scrambled.labels[first.split.held_back] = 2
+    second = calibrate(scrambled, SYNTHETIC_SPEC, CalibrationOptions(seed=3))
+    assert second.chosen.policy == first.chosen.policy
+    # ... and the held-back check reports the damage.
+    assert second.chosen.held_back.metric == 0.0
+    assert any("held-back accuracy 0.0000" in warning for warning in second.warnings)
+
+
+def test_unknown_metric_for_the_task_is_a_clear_error():
+    cache = synthetic_cache([(10, [(0, 10.0)] * 4)])
+    with pytest.raises(ValueError, match="--metric example_f1: task text-classification reports accuracy"):
+        calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(metric="example_f1"))
+
+
+# --- cache file: reuse and staleness -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("calibration") / "model"
+    build_tiny_model(tokenizer).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def dev_file(tmp_path_factory):
+    return write_dev_file(tmp_path_factory.mktemp("dev") / "dev.jsonl", "text-classification")
+
+
+def test_cache_file_is_reused_without_running_the_model(model_dir, dev_file, tmp_path, monkeypatch):
+    job = CalibrationJob(
+        str(model_dir), str(dev_file), str(tmp_path / "out.yaml"), cache_path=str(tmp_path / "c")
+    )
+    built, timing, status = fresh_cache(job, batch_size=8)
+    assert status == "built"
+    assert timing.batch_size == 8 and len(timing.layer_ms) == 4
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a fresh cache must not load the model")
+
+    monkeypatch.setattr("epee_core.calibration.pipeline.EarlyExitModel.from_pretrained", no_model)
+    reused, reused_timing, status = fresh_cache(job, batch_size=8)
+    assert status == "reused"
+    assert torch.equal(reused.logits, built.logits) and torch.equal(reused.labels, built.labels)
+    assert reused_timing == timing
+
+
+def test_stale_cache_is_detected_when_the_model_changes(model_dir, dev_file, tmp_path, tokenizer):
+    changed_dir = tmp_path / "model"
+    shutil.copytree(model_dir, changed_dir)
+    cache_path = tmp_path / "cache.safetensors"
+    job = CalibrationJob(
+        str(changed_dir), str(dev_file), str(tmp_path / "out.yaml"), cache_path=str(cache_path)
+    )
+    old, _, _ = fresh_cache(job, batch_size=8)
+
+    build_tiny_model(tokenizer, seed=1).save_pretrained(changed_dir)  # retrained: new weights, same shape
+    with pytest.raises(StaleCacheError, match="model directory changed"):
+        load_fresh(cache_path, fingerprint(changed_dir, dev_file, None))
+    messages = []
+    rebuilt, _, status = fresh_cache(job, batch_size=8, notify=messages.append)
+    assert status.startswith("rebuilt (stale: the model directory changed")
+    assert "stale calibration cache" in messages[0]
+    assert not torch.equal(rebuilt.logits, old.logits)
+    assert load_fresh(cache_path, fingerprint(changed_dir, dev_file, None)).fingerprint == rebuilt.fingerprint
+
+
+def test_stale_cache_is_detected_when_the_data_or_sample_count_changes(model_dir, dev_file, tmp_path):
+    cache_path = tmp_path / "cache.safetensors"
+    job = CalibrationJob(
+        str(model_dir), str(dev_file), str(tmp_path / "out.yaml"), cache_path=str(cache_path)
+    )
+    fresh_cache(job, batch_size=8)
+    with pytest.raises(StaleCacheError, match="--max-samples was None, now 10"):
+        load_fresh(cache_path, fingerprint(model_dir, dev_file, 10))
+    other_data = write_dev_file(tmp_path / "other.jsonl", "text-classification", seed=1)
+    with pytest.raises(StaleCacheError, match="the data file changed"):
+        load_fresh(cache_path, fingerprint(model_dir, other_data, None))
+
+
+def test_cache_file_holds_tensors_only(model_dir, dev_file, tmp_path):
+    from safetensors import safe_open
+
+    cache_path = tmp_path / "cache.safetensors"
+    fresh_cache(CalibrationJob(str(model_dir), str(dev_file), "x.yaml", cache_path=str(cache_path)), 8)
+    with safe_open(str(cache_path), framework="pt") as handle:
+        assert set(handle.keys()) == {"logits", "labels"}
+        assert json.loads(handle.metadata()["fingerprint"])["model_sha256"]
+
+
+# --- output: model YAML, report, plot, CLI -----------------------------------------------------------------
+
+
+def test_model_yaml_of_every_policy_is_accepted_by_serve_config():
+    for policy in [make_policy("full"), make_policy("epee", {"ensemble": "window_mean", "patience": 3})]:
+        config = model_yaml(SYNTHETIC_SPEC, policy, ServingOptions(batch_size=4))
+        serve = ServeConfig.from_section(config["epee"])
+        assert serve.policy == policy
+        assert {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"} <= set(config)
+        assert config["batchSize"] == 4
+
+
+def test_run_calibration_writes_yaml_report_and_plot(model_dir, dev_file, tmp_path):
+    output = tmp_path / "serve.yaml"
+    job = CalibrationJob(
+        str(model_dir),
+        str(dev_file),
+        str(output),
+        plot=str(tmp_path / "pareto.png"),
+        serving=ServingOptions(batch_size=4),
+    )
+    summary = run_calibration(job, notify=lambda message: None)
+
+    serve = ServeConfig.load(output)
+    assert serve.policy.name == summary["chosen"]["policy"]
+    assert serve.policy.params == summary["chosen"]["params"]
+    written = yaml.safe_load(output.read_text())
+    assert written["batchSize"] == 4 and written["epee"]["task"] == "text-classification"
+    report = json.loads((tmp_path / "serve.report.json").read_text())
+    assert len(report["settings"]) == report["num_settings"] > 200
+    assert report["frontier"] and report["timing"]["batch_size"] == 4
+    assert "settings" not in summary
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_calibrate_prints_one_json_object(model_dir, dev_file, tmp_path, capsys):
+    output = tmp_path / "serve.yaml"
+    args = ["calibrate", "--model", str(model_dir), "--data", str(dev_file), "--output", str(output)]
+    assert main([*args, "--cache", str(tmp_path / "cache.st"), "--target-speedup", "1.5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["constraint"] == {"target_speedup": 1.5}
+    assert report["cache"]["status"] == "built"
+    ServeConfig.load(output)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--metric", "example_f1"], "--metric example_f1: task text-classification reports"),
+        (["--target-speedup", "0.5"], "--target-speedup must be greater than 1"),
+        (["--max-accuracy-drop", "-0.1"], "--max-accuracy-drop must be in [0, 1)"),
+    ],
+)
+def test_cli_calibrate_user_errors_are_one_line(model_dir, dev_file, tmp_path, capsys, extra, message):
+    args = [
+        "calibrate",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(dev_file),
+        "--output",
+        str(tmp_path / "o.yaml"),
+    ]
+    assert main(args + extra) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("epee: error: ") and message in error
