@@ -241,20 +241,37 @@ def test_unreachable_speedup_chooses_full_and_says_why():
     assert "the fastest reaches 4.00x" in result.choice.reason
 
 
-def test_held_back_slice_never_influences_the_choice():
+def test_held_back_slice_never_influences_the_choice_but_is_checked():
     cache = synthetic_cache([EASY, HARD])
     first = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(seed=3))
-    rows = first.split.calibration
-    assert first.split.held_back is not None and len(first.split.held_back) == 30
-    assert set(rows.tolist()).isdisjoint(first.split.held_back.tolist())
-    # Scramble the held-back rows' labels: the choice (made on the calibration slice) stays the same ...
-    scrambled = LogitCache(cache.logits, cache.labels.clone())
-    scrambled.labels[first.split.held_back] = 2
-    second = calibrate(scrambled, SYNTHETIC_SPEC, CalibrationOptions(seed=3))
+    held = first.split.held_back
+    assert held is not None and len(held) == 30
+    assert set(first.split.calibration.tolist()).isdisjoint(held.tolist())
+    assert first.warnings == []
+    # Held-back hard rows turn sure of the wrong class at layers 1-2: the chosen rule now exits them early and
+    # wrong, while full stays right. The choice (made on the calibration slice) stays the same ...
+    held_hard = held[held >= 50]
+    changed = LogitCache(cache.logits.clone(), cache.labels)
+    changed.logits[:2, held_hard, 1] = 10.0
+    second = calibrate(changed, SYNTHETIC_SPEC, CalibrationOptions(seed=3))
     assert second.chosen.policy == first.chosen.policy
+    assert second.chosen.calibration == first.chosen.calibration
     # ... and the held-back check reports the damage.
-    assert second.chosen.held_back.metric == 0.0
-    assert any("held-back accuracy 0.0000" in warning for warning in second.warnings)
+    assert second.full.held_back.metric == 1.0
+    assert second.chosen.held_back.metric == pytest.approx(1 - len(held_hard) / len(held))
+    assert any("on the held-back slice but 0.0000 on the calibration slice" in w for w in second.warnings)
+    assert any("more than the budget 0.01" in w for w in second.warnings)
+
+
+def test_a_slice_that_is_just_harder_raises_no_warning():
+    # Held-back rows all wrong at every layer: full and the choice lose the same, so the paired check is quiet.
+    cache = synthetic_cache([EASY, HARD])
+    held = calibrate(cache, SYNTHETIC_SPEC, CalibrationOptions(seed=3)).split.held_back
+    labels = cache.labels.clone()
+    labels[held] = 2
+    result = calibrate(LogitCache(cache.logits, labels), SYNTHETIC_SPEC, CalibrationOptions(seed=3))
+    assert result.chosen.held_back.metric == result.full.held_back.metric == 0.0
+    assert result.warnings == []
 
 
 def test_unknown_metric_for_the_task_is_a_clear_error():

@@ -169,6 +169,8 @@ def calibrate(
         frontier=pareto_frontier([full, *settings]),
         choice=choice,
         dev=dev,
-        warnings=held_back_warnings(choice.setting, full, options.max_accuracy_drop, options.metric),
+        warnings=held_back_warnings(
+            choice.setting, full, options.max_accuracy_drop, options.metric, options.target_speedup is None
+        ),
         search_seconds=time.perf_counter() - started,
     )
