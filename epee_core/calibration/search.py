@@ -227,19 +227,21 @@ def choose_for_speedup(settings: list[Setting], full: Setting, target_speedup: f
 def held_back_warnings(
     choice: Setting, full: Setting, tolerance: float, metric: str, budget_mode: bool = True
 ) -> list[str]:
-    """Over-fitting checks on the held-back slice, which the choice never saw. Both compare the choice with `full`
-    on the same slice, so a slice that is merely easier or harder than the other (full moves too) is no alarm."""
+    """Over-fitting checks on the held-back slice, which the choice never saw: does the choice lose more against
+    `full` there than on the calibration slice (by more than `tolerance`), and does it still meet the budget?
+    Both compare with `full` on the same slice, so a slice that is merely easier or harder is no alarm, and
+    doing better on unseen data is none either."""
     if choice.held_back is None or full.held_back is None or choice.policy.name == "full":
         return []
     name = choice.policy.describe()
     calibration_drop = full.calibration.metric - choice.calibration.metric
     held_drop = full.held_back.metric - choice.held_back.metric
     warnings = []
-    if abs(held_drop - calibration_drop) > tolerance + _TOLERANCE:
+    if held_drop - calibration_drop > tolerance + _TOLERANCE:
         warnings.append(
             f"{name}: {metric} below full is {held_drop:.4f} on the held-back slice but {calibration_drop:.4f} on "
-            f"the calibration slice (they differ by more than {tolerance}): the choice may fit the calibration "
-            f"slice only"
+            f"the calibration slice (worse by more than {tolerance}): the choice may fit the calibration slice "
+            f"only"
         )
     if budget_mode and held_drop > tolerance + _TOLERANCE:
         warnings.append(
