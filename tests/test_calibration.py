@@ -422,3 +422,46 @@ def test_cli_calibrate_user_errors_are_one_line(model_dir, dev_file, tmp_path, c
     assert main(args + extra) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("epee: error: ") and message in error
+
+
+# --- images plug in through the same path ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_model_and_data(tmp_path_factory):
+    """A tiny ViT model directory (labels "0", "1", "2" as MedMNIST class ids) and a `.npz` with a `val` split."""
+    import numpy as np
+    from tiny_backbones import build_tiny_backbone_model
+
+    directory = tmp_path_factory.mktemp("vit")
+    model = build_tiny_backbone_model("vit")
+    model.spec.labels = ["0", "1", "2"]
+    model.save_pretrained(directory / "model")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (NUM_DEV, 16, 16), dtype=np.uint8)
+    images = (images * rng.uniform(0.1, 1.0, (NUM_DEV, 1, 1))).astype(np.uint8)  # rows differ in contrast
+    labels = rng.integers(0, 3, (NUM_DEV, 1), dtype=np.uint8)
+    np.savez(directory / "data.npz", val_images=images, val_labels=labels)
+    return directory / "model", directory / "data.npz"
+
+
+def test_image_model_replay_equals_live_and_calibrates(image_model_and_data, tmp_path):
+    from epee_core.calibration.pipeline import labelled_batches
+    from epee_core.model import EarlyExitModel
+
+    model_dir, data = image_model_and_data
+    model = EarlyExitModel.from_pretrained(model_dir)
+    batches = labelled_batches(model, str(data), None, 8)
+    cache = build_cache(model, batches)
+    for policy in policies_for(cache, multi_label=False):
+        live = [run_early_exit(model, inputs, policy, labels) for inputs, labels in batches]
+        replayed = replay_policy(policy, cache.logits, False, cache.labels)
+        assert torch.equal(replayed.exit_layer, torch.cat([r.exit_layer for r in live])), policy.describe()
+        assert torch.equal(replayed.predictions(False), torch.cat([r.predictions(False) for r in live]))
+
+    output = tmp_path / "vit.yaml"
+    summary = run_calibration(CalibrationJob(str(model_dir), str(data), str(output)), notify=lambda m: None)
+    assert summary["num_samples"] == NUM_DEV
+    serve = ServeConfig.load(output)
+    assert serve.task == "image-classification" and serve.max_length is None
+    assert serve.policy.name == summary["chosen"]["policy"]
