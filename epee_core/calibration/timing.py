@@ -48,17 +48,25 @@ class LayerTimes:
 
 @torch.inference_mode()
 def measure_layer_times(
-    model: EarlyExitModel, inputs: dict[str, torch.Tensor], repeats: int = 5
+    model: EarlyExitModel,
+    inputs: dict[str, torch.Tensor],
+    min_repeats: int = 5,
+    max_repeats: int = 100,
+    budget_seconds: float = 1.0,
 ) -> LayerTimes:
     """Time embed, every layer and every exit head on one real batch, after one warm-up pass. Each figure is the
-    fastest of `repeats` runs: other processes on a shared machine only ever add time."""
+    fastest of its runs (other processes on a shared machine only ever add time); a small model gets more runs,
+    as many as fit in `budget_seconds`, within [min_repeats, max_repeats]."""
     model.eval()
     backbone = model.backbone
     model.forward_all_exits(inputs)  # warm-up: allocator, kernels
     embed_runs: list[float] = []
     layer_runs: list[list[float]] = [[] for _ in range(model.num_layers)]
     head_runs: list[list[float]] = [[] for _ in range(model.num_layers)]
-    for _ in range(repeats):
+    deadline = time.perf_counter() + budget_seconds
+    for repeat in range(max_repeats):
+        if repeat >= min_repeats and time.perf_counter() > deadline:
+            break
         started = time.perf_counter()
         hidden, mask = backbone.embed(inputs)
         bias = backbone.attention_bias(mask, hidden.dtype)
