@@ -52,7 +52,7 @@ def measure_layer_times(
     inputs: dict[str, torch.Tensor],
     min_repeats: int = 5,
     max_repeats: int = 100,
-    budget_seconds: float = 1.0,
+    budget_seconds: float = 3.0,
 ) -> LayerTimes:
     """Time embed, every layer and every exit head on one real batch, after one warm-up pass. Each figure is the
     fastest of its runs (other processes on a shared machine only ever add time); a small model gets more runs,
