@@ -44,7 +44,7 @@ def plot_frontier(
                 alpha=0.6,
                 color=colour,
                 zorder=3,
-                label=f"{name} ({len(points)} settings)",
+                label=f"{name} ({len(points)})",
             )
     axes.plot(
         [s.calibration.avg_exit_layer for s in frontier],
@@ -56,7 +56,7 @@ def plot_frontier(
         linewidth=2,
         alpha=0.7,
         zorder=2,
-        label=f"Pareto frontier ({len(frontier)} settings)",
+        label=f"Pareto frontier ({len(frontier)})",
     )
     if max_drop is not None:
         axes.axhline(
@@ -105,8 +105,12 @@ def plot_frontier(
     axes.set_ylabel(f"{metric} (calibration slice)")
     axes.set_title(title, fontsize=10)
     axes.grid(True, alpha=0.3)
-    low = min(oracle.calibration.metric, full.calibration.metric) - 0.15
-    axes.set_ylim(bottom=max(low, min(s.calibration.metric for s in settings + [full]) - 0.01))
+    # Settings far below full and oracle (e.g. `static` at layer 1 of a weak model) would squash the frontier.
+    crop = min(oracle.calibration.metric, full.calibration.metric) - 0.15
+    bottom = max(crop, min(s.calibration.metric for s in [*settings, full]))
+    if max_drop is not None:
+        bottom = min(bottom, full.calibration.metric - max_drop)
+    axes.set_ylim(bottom=bottom - 0.01)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
