@@ -141,15 +141,14 @@ def processor_image_size(processor) -> tuple[int, int]:
 def image_transform(processor, num_channels: int) -> v2.Compose:
     """uint8 [C, H, W] → normalised float [num_channels, H', W'] as the model takes it: grey → 3 channels (or
     RGB → grey for 1-channel models), resize to the processor's size, scale, normalise."""
-    channels = v2.RGB() if num_channels == 3 else v2.Grayscale(num_output_channels=1)
-    return v2.Compose(
-        [
-            channels,
-            v2.Resize(list(processor_image_size(processor)), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)),
-        ]
-    )
+    steps = [
+        v2.RGB() if num_channels == 3 else v2.Grayscale(num_output_channels=1),
+        v2.Resize(list(processor_image_size(processor)), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ]
+    if getattr(processor, "do_normalize", True):
+        steps.append(v2.Normalize(mean=list(processor.image_mean), std=list(processor.image_std)))
+    return v2.Compose(steps)
 
 
 def encode_images(transform: v2.Compose, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:

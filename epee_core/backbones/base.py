@@ -67,8 +67,7 @@ def layer_output(output: torch.Tensor | tuple) -> torch.Tensor:
 
 def padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, 1, T] mask: 0 for real tokens, the dtype's minimum for padding (works for SDPA and eager)."""
-    keep = mask[:, None, None, :].to(torch.bool)
-    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return _additive(mask[:, None, None, :].to(torch.bool), dtype)
 
 
 def causal_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -78,5 +77,9 @@ def causal_padding_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     length = mask.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
-    keep = causal[None, None, :, :] & mask[:, None, None, :].to(torch.bool)
-    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return _additive(causal[None, None, :, :] & mask[:, None, None, :].to(torch.bool), dtype)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as an additive float mask: 0 where kept, the dtype's minimum where dropped."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
