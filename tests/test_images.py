@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 from tiny_backbones import IMAGE_SIZE, LABELS, build_tiny_backbone_model, tiny_config
-from transformers import AutoModel
+from transformers import AutoModel, ViTImageProcessor
 
+from epee_core.backbones import build_backbone
 from epee_core.cli import main
 from epee_core.config import ConfigError, ModelSpec
 from epee_core.images import (
@@ -196,3 +197,12 @@ def test_train_and_evaluate_an_image_model_from_npz(tmp_path, capsys):
     assert [result["policy"] for result in report["results"]] == ["full", "epee"]
     assert all(result["num_samples"] == 6 for result in report["results"])
     assert report["results"][0]["avg_exit_layer"] == 4.0
+
+
+def test_vit_checkpoint_keeps_its_own_image_processor(tmp_path):
+    AutoModel.from_config(tiny_config("vit", 0)).save_pretrained(tmp_path)
+    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.3] * 3).save_pretrained(
+        tmp_path
+    )
+    backbone, processor = build_backbone(str(tmp_path))
+    assert backbone.kind == "vit" and list(processor.image_mean) == [0.3] * 3
