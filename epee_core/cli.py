@@ -504,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise in a CLI
     try:
         args.run(args)
     except (*USER_ERRORS, CommandError) as error:

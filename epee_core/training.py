@@ -16,6 +16,7 @@ from transformers import get_linear_schedule_with_warmup
 from .backbones import build_backbone
 from .config import ConfigError, ModelSpec
 from .data import (
+    ENTITY_MARKERS,
     Example,
     add_entity_markers,
     encode_texts,
@@ -87,7 +88,7 @@ def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
     if config.task == "relation-extraction":
         add_entity_markers(tokenizer)
         backbone.resize_token_embeddings(len(tokenizer))
-        entity_markers = list(tokenizer.additional_special_tokens)
+        entity_markers = list(ENTITY_MARKERS)
     negative = next((label for label in NEGATIVE_LABELS if label in labels), None)
     spec = ModelSpec(
         task=config.task,
