@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,14 +38,16 @@ def summarise(
     gold: torch.Tensor,
     predicted: torch.Tensor,
     exit_layers: torch.Tensor,
-    wall_seconds: float,
+    batch_seconds: list[float],
     batch_size: int,
 ) -> dict:
-    """The evaluate JSON of one policy (DESIGN §7) from its per-sample outputs and engine time."""
+    """The evaluate JSON of one policy (DESIGN §7) from its per-sample outputs and per-batch engine times."""
     spec = model.spec
     metrics = task_metrics(spec.task, gold.numpy(), predicted.numpy(), spec.labels, spec.negative_label)
     num_samples = int(exit_layers.numel())
     avg_exit = float(exit_layers.float().mean())
+    wall_seconds = sum(batch_seconds)
+    batch_ms = np.asarray(batch_seconds) * 1000.0
     return {
         "policy": policy.name,
         "params": policy.params,
@@ -57,6 +60,8 @@ def summarise(
         "batch_size": batch_size,
         "wall_seconds": round(wall_seconds, 4),
         "samples_per_second": round(num_samples / wall_seconds, 2),
+        "batch_ms_p50": round(float(np.percentile(batch_ms, 50)), 3),
+        "batch_ms_p95": round(float(np.percentile(batch_ms, 95)), 3),
     }
 
 
@@ -65,29 +70,39 @@ def evaluate_policies(
 ) -> list[dict]:
     """Every policy on the same inputs in one run, so their speeds compare side by side.
 
-    Policies take turns batch by batch (each timed on its own), so a noisy neighbour on the machine slows all
-    of them alike; a few untimed warm-up batches per policy come first. `wall_seconds` is engine time:
-    tokenization is done once, before timing.
+    Policies take turns batch by batch (each timed on its own, the first turn rotating), so a noisy neighbour
+    on the machine slows all of them alike; a few untimed warm-up batches per policy come first.
+    `wall_seconds` is engine time (tokenization is done once, before timing); `batch_ms_p50` / `batch_ms_p95`
+    are per-batch latencies.
     """
     model.eval()
     batches = prepare_batches(model, examples, batch_size)
     for policy in policies:
         for inputs, labels in batches[:WARMUP_BATCHES]:
             run_early_exit(model, inputs, policy, labels)
-    wall = [0.0] * len(policies)
+    batch_seconds: list[list[float]] = [[] for _ in policies]
     predicted: list[list[torch.Tensor]] = [[] for _ in policies]
     exit_layers: list[list[torch.Tensor]] = [[] for _ in policies]
-    for inputs, labels in tqdm(batches, desc="evaluate", unit="batch", leave=False):
-        for index, policy in enumerate(policies):
+    for number, (inputs, labels) in enumerate(tqdm(batches, desc="evaluate", unit="batch", leave=False)):
+        for turn in range(len(policies)):
+            # Who goes first rotates, so no policy always runs right after another on warm caches.
+            index = (number + turn) % len(policies)
+            policy = policies[index]
             started = time.perf_counter()
             result = run_early_exit(model, inputs, policy, labels)
-            wall[index] += time.perf_counter() - started
+            batch_seconds[index].append(time.perf_counter() - started)
             predicted[index].append(result.predictions(model.multi_label))
             exit_layers[index].append(result.exit_layer)
     gold = torch.cat([labels for _, labels in batches])
     results = [
         summarise(
-            model, policy, gold, torch.cat(predicted[i]), torch.cat(exit_layers[i]), wall[i], batch_size
+            model,
+            policy,
+            gold,
+            torch.cat(predicted[i]),
+            torch.cat(exit_layers[i]),
+            batch_seconds[i],
+            batch_size,
         )
         for i, policy in enumerate(policies)
     ]
