@@ -10,7 +10,6 @@ turns into wall-clock time saved.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -135,8 +134,3 @@ def write_report(report: dict, output_dir: str | Path, stem: str) -> tuple[Path,
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     markdown_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, markdown_path
-
-
-def default_output_dir() -> Path:
-    """load_tests/reports/<date>/ (git-ignored), next to the load-test reports of the same day."""
-    return Path("load_tests") / "reports" / datetime.now().strftime("%Y-%m-%d")
