@@ -47,6 +47,12 @@ def _number(value: str) -> float:
     return float("nan") if value in ("", "N/A") else float(value)
 
 
+def _window_latency(value: str) -> float:
+    """A history percentile; Locust writes 0 (or N/A) while its rolling window holds no response yet."""
+    latency = _number(value)
+    return float("nan") if latency == 0 else latency
+
+
 def read_stats(prefix: str | Path) -> dict[str, RunStats]:
     """Every row of `PREFIX_stats.csv` by request name (the totals are under 'Aggregated')."""
     path = Path(f"{prefix}_stats.csv")
@@ -72,7 +78,7 @@ def read_stats(prefix: str | Path) -> dict[str, RunStats]:
 
 def read_history(prefix: str | Path) -> dict[str, list[float]]:
     """The per-second `Aggregated` rows of `PREFIX_stats_history.csv` as columns: seconds since the first row,
-    users, rps, p50_ms, p95_ms, failures (cumulative). Seconds without a percentile yet hold NaN."""
+    users, rps, p50_ms, p95_ms, failures (cumulative). Seconds whose window has no response yet hold NaN."""
     path = Path(f"{prefix}_stats_history.csv")
     if not path.is_file():
         raise ConfigError(f"{path}: Locust history not found (run Locust with --csv-full-history)")
@@ -88,8 +94,8 @@ def read_history(prefix: str | Path) -> dict[str, list[float]]:
         columns["seconds"].append(float(int(row["Timestamp"]) - start))
         columns["users"].append(float(row["User Count"]))
         columns["rps"].append(_number(row["Requests/s"]))
-        columns["p50_ms"].append(_number(row["50%"]))
-        columns["p95_ms"].append(_number(row["95%"]))
+        columns["p50_ms"].append(_window_latency(row["50%"]))
+        columns["p95_ms"].append(_window_latency(row["95%"]))
         columns["failures"].append(float(row["Total Failure Count"]))
     return columns
 

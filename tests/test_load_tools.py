@@ -118,7 +118,7 @@ def test_check_command_exits_2_naming_the_violation_and_0_when_met(tmp_path, cap
     assert captured.err.startswith("epee: error: SLO violated: p95 latency 480 ms")
 
 
-def test_read_history_keeps_the_aggregated_seconds(tmp_path):
+def test_read_history_keeps_the_aggregated_seconds_and_blanks_empty_windows(tmp_path):
     header = "Timestamp,User Count,Type,Name,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%,"
     header += (
         "Total Request Count,Total Failure Count,Total Median Response Time,Total Average Response Time,"
@@ -126,13 +126,15 @@ def test_read_history_keeps_the_aggregated_seconds(tmp_path):
     header += "Total Min Response Time,Total Max Response Time,Total Average Content Size"
     rows = [
         "100,0,,Aggregated,0.0,0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,0,0,0,0.0,0,0,0",
-        "101,2,POST,text: ADE sentence,1.0,0.0,40,40,40,40,40,50,50,50,50,50,50,2,0,40,40,40,40,0",
-        "101,2,,Aggregated,1.0,0.0,40,40,40,40,40,50,50,50,50,50,50,2,0,40,40,40,40,0",
+        "101,1,,Aggregated,0.0,0.0,0,0,0,0,0,0,0,0,0,0,0,1,0,48,48,48,48,0",
+        "102,2,POST,text: ADE sentence,1.0,0.0,40,40,40,40,40,50,50,50,50,50,50,2,0,40,40,40,40,0",
+        "102,2,,Aggregated,1.0,0.0,40,40,40,40,40,50,50,50,50,50,50,2,0,40,40,40,40,0",
     ]
     (tmp_path / "run_stats_history.csv").write_text("\n".join([header, *rows]) + "\n")
     history = read_history(tmp_path / "run")
-    assert history["seconds"] == [0.0, 1.0] and history["users"] == [0.0, 2.0] and history["p95_ms"][1] == 50
-    assert np.isnan(history["p50_ms"][0])
+    assert history["seconds"] == [0.0, 1.0, 2.0] and history["users"] == [0.0, 1.0, 2.0]
+    assert history["p95_ms"][2] == 50 and history["rps"] == [0.0, 0.0, 1.0]
+    assert np.isnan(history["p50_ms"][0]) and np.isnan(history["p50_ms"][1])  # no response in the window yet
 
 
 # --- the clinical-day shape ------------------------------------------------------------------------------------
