@@ -31,6 +31,15 @@ BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
 BATCH_ID_HEADER = "X-EPEE-Batch-Id"
 
 
+def reason_phrase(message: str) -> str:
+    """The HTTP reason phrase of an error: one line of ASCII (the JSON body keeps the exact message).
+
+    TorchServe 0.12 frames the phrase with its length in characters but sends its UTF-8 bytes, so a non-ASCII
+    phrase (a user's entity string, "30×20 pixels") corrupts the frame and kills the worker with its batch.
+    """
+    return " ".join(message.encode("ascii", "backslashreplace").decode("ascii").split())
+
+
 class EarlyExitHandler(BaseHandler):
     """Serves an `epee package` archive; `service_class` decides how a request body is decoded."""
 
@@ -74,7 +83,9 @@ class EarlyExitHandler(BaseHandler):
             self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
             self.context.set_response_header(index, BATCH_ID_HEADER, batch_id)
             if answer.status != 200:
-                self.context.set_response_status(answer.status, answer.body["error"], idx=index)
+                self.context.set_response_status(
+                    answer.status, reason_phrase(answer.body["error"]), idx=index
+                )
         self.record_metrics(answers)
         return [answer.body for answer in answers]
 
