@@ -149,6 +149,7 @@ SERVE_KEYS = {
     "allow_request_override": bool,
     "max_body_bytes": int,
     "max_text_chars": int,
+    "max_image_pixels": int,
     "num_threads": int,
 }
 
@@ -168,6 +169,7 @@ class ServeConfig:
     allow_request_override: bool = True
     max_body_bytes: int = 1_000_000
     max_text_chars: int = 20_000
+    max_image_pixels: int = 4096 * 4096  # image-classification: width × height, checked before decoding
     num_threads: int | None = None
 
     @classmethod
@@ -188,7 +190,7 @@ class ServeConfig:
         task = settings.get("task")
         if task is not None and task not in TASKS:
             raise ConfigError(f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
-        for key in ("max_length", "max_body_bytes", "max_text_chars", "num_threads"):
+        for key in ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads"):
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")
         try:

@@ -72,12 +72,16 @@ def read_npz(path: str | Path, split: str, max_samples: int | None = None) -> li
     return [ImageExample(image, str(int(label))) for image, label in zip(pixels, labels)]
 
 
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 [C, H, W]: grey stays 1 channel, everything else (palette, RGBA, CMYK…) → RGB."""
+    return v2.functional.pil_to_tensor(image.convert("L" if image.mode in ("L", "1") else "RGB"))
+
+
 def load_image(path: str | Path) -> torch.Tensor:
-    """One image file as uint8 [C, H, W]: grey stays 1 channel, everything else (palette, RGBA, CMYK…) → RGB."""
+    """One image file as uint8 [C, H, W] (see `image_tensor`)."""
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if image.mode in ("L", "1") else "RGB")
-            return v2.functional.pil_to_tensor(image)
+            return image_tensor(image)
     except (UnidentifiedImageError, OSError) as error:
         raise ConfigError(f"{path}: not a readable image ({error})") from None
 

@@ -1,9 +1,10 @@
 """`epee package`: a model directory + model YAML → a TorchServe `.mar` (via `torch-model-archiver`).
 
 Archive layout (what the handler finds in its `model_dir`):
-  text_handler.py              the entry point (`--handler`)
+  text_handler.py              the entry point (`--handler`; image_handler.py for image-classification)
   handlers/, epee_core/        the handler package and the engine's Python sources, bundled
-  model/                       the model directory: config.json, model.safetensors, tokenizer, exits.safetensors, epee.yaml
+  model/                       the model directory: config.json, model.safetensors, tokenizer or image
+                               processor, exits.safetensors, epee.yaml
   <model YAML>                 `--config-file`, seen by the handler as `context.model_yaml_config`
 
 The engine is bundled so an archive always runs the code it was built with, on any TorchServe whose Python has
@@ -30,7 +31,10 @@ from .serving import ARCHIVE_MODEL_DIR
 
 ENGINE_DIR = Path(__file__).resolve().parent
 HANDLERS_DIR = ENGINE_DIR.parent / "handlers"  # installed next to epee_core (pyproject packages)
-HANDLER_FOR_TASK = {task: "text_handler.py" for task in TEXT_TASKS}
+HANDLER_FOR_TASK = {
+    **{task: "text_handler.py" for task in TEXT_TASKS},
+    "image-classification": "image_handler.py",
+}
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
