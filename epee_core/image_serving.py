@@ -28,6 +28,8 @@ from .serving import EarlyExitService, RequestError, ServeRequest
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 IMAGE_FIELDS = ("image", "epee")
+# What PIL raises on corrupt or cut-off data (UnidentifiedImageError, an OSError, is caught before these).
+CORRUPT_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
 DATA_URL_PREFIX = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
 
@@ -61,13 +63,7 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         ) from None
     except UnidentifiedImageError:
         raise RequestError(400, "body is not a PNG or JPEG image") from None
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        zlib.error,
-    ) as error:  # PIL on corrupt or cut-off data
+    except CORRUPT_IMAGE_ERRORS as error:
         raise RequestError(400, f"image data is corrupt or truncated ({error})") from None
 
 
