@@ -183,11 +183,10 @@ def test_bad_requests_get_their_own_4xx_json_and_batch_mates_are_answered(server
         (raw_call(server, b'{"text": "unterminated', "application/json"), 400, "not valid JSON"),
         (json_call(server, {"text": "x" * (MAX_BODY_BYTES + 10)}), 413, "max_body_bytes"),
         (json_call(server, {"text": "y" * (MAX_TEXT_CHARS + 10)}), 413, "max_text_chars"),
+        (json_call(server, {"tëxt": "Fièvre"}), 400, "unknown field 'tëxt'"),  # a non-ASCII error message
     ]
     good = [json_call(server, {"text": text}) for text in SENTENCES[:5]]
-    calls = [
-        call for call, _, _ in bad
-    ] + good  # 12 requests = 3 batches of 4; 5 good ones cannot fill whole batches
+    calls = [call for call, _, _ in bad] + good  # 13 requests: batches of 4, 4, 4, 1 mixing good and bad
     responses = post_all(predict_url(server), calls)
     for response, (_, status, fragment) in zip(responses, bad):
         assert response.status_code == status, response.text
