@@ -105,10 +105,12 @@ def label_tensor(examples: list[Example], labels: list[str], task: str) -> torch
     return torch.tensor([lookup(example.label) for example in examples], dtype=torch.long)
 
 
-def _find(text: str, entity: str, taken: tuple[int, int] | None = None) -> tuple[int, int] | None:
-    """First occurrence of `entity` (exact case, else case-insensitive) not overlapping `taken`."""
+def _find(
+    text: str, entity: str, taken: tuple[int, int] | None = None, after: int = 0
+) -> tuple[int, int] | None:
+    """First occurrence of `entity` (exact case, else case-insensitive) from `after` on, not overlapping `taken`."""
     for haystack, needle in ((text, entity), (text.lower(), entity.lower())):
-        start = haystack.find(needle)
+        start = haystack.find(needle, after)
         while start != -1:
             end = start + len(needle)
             if taken is None or end <= taken[0] or start >= taken[1]:
@@ -129,7 +131,12 @@ def mark_entities(text: str, head: str, tail: str) -> str:
     if head_span is None:
         raise InputError(f"'head' entity {head!r} does not occur in 'text'")
     tail_span = _find(text, tail, taken=head_span)
-    if tail_span is None:
+    while tail_span is None and head_span is not None:
+        # The head's first occurrence may sit inside the tail's only one ('plasmin' in 'plasminogen'): try the
+        # head's later occurrences before giving up.
+        head_span = _find(text, head, after=head_span[0] + 1)
+        tail_span = _find(text, tail, taken=head_span) if head_span is not None else None
+    if head_span is None or tail_span is None:
         raise InputError(f"'tail' entity {tail!r} does not occur in 'text' apart from the head entity")
     inserts = sorted(
         [

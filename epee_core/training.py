@@ -18,6 +18,7 @@ from .config import ConfigError, ModelSpec
 from .data import (
     ENTITY_MARKERS,
     Example,
+    InputError,
     add_entity_markers,
     encode_texts,
     label_tensor,
@@ -160,19 +161,36 @@ def per_layer_metrics(
     return results
 
 
+def _markable(examples: list[Example], task: str, path: str) -> tuple[list[Example], int]:
+    """Relation-extraction rows whose entities can be marked, checked before training starts; the others (an
+    entity nested in the other's only occurrence, e.g. 'mpa' in 'mpa treatment') are skipped with a warning."""
+    if task != "relation-extraction":
+        return examples, 0
+    kept, problems = [], []
+    for example in examples:
+        try:
+            model_text(example, task)
+            kept.append(example)
+        except InputError as error:
+            problems.append(str(error))
+    if problems:
+        message = f"{path}: skipped {len(problems)} rows whose entities cannot be marked, e.g. {problems[0]}"
+        print(f"warning: {message}", file=sys.stderr)
+    if not kept:
+        raise ConfigError(f"{path}: no row has entities that can be marked ({problems[0]})")
+    return kept, len(problems)
+
+
 def train(config: TrainConfig) -> dict:
     """Train, evaluate each exit on the dev set after every epoch, save the model directory; return a summary."""
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     train_examples = read_task_examples(config.train_path, config.task, "train", config.max_samples)
     dev_examples = read_task_examples(config.dev_path, config.task, "dev", config.max_dev_samples)
+    train_examples, skipped_train = _markable(train_examples, config.task, config.train_path)
+    dev_examples, skipped_dev = _markable(dev_examples, config.task, config.dev_path)
     labels = label_vocabulary(train_examples, config.task)
     model = build_model(config, labels)
-    if config.task != "image-classification":
-        for example in (
-            train_examples + dev_examples
-        ):  # fail on bad relation-extraction rows before training starts
-            model_text(example, config.task)
 
     if config.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -224,6 +242,7 @@ def train(config: TrainConfig) -> dict:
         "train": str(config.train_path),
         "dev": str(config.dev_path),
         "train_samples": len(train_examples),
+        "skipped_rows": {"train": skipped_train, "dev": skipped_dev},
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
