@@ -162,8 +162,6 @@ def evaluate_run(
         "split_size": split_size,
         "num_layers": model.num_layers,
         "num_samples": len(examples),
-        "train_seconds": model.spec.training.get("train_seconds"),
-        "train_samples": model.spec.training.get("train_samples"),
         "results": {result["policy"]: result for result in results},
     }
 
@@ -198,47 +196,71 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict:
         "recipe": asdict(recipe),
         "command": train_command(config),
         **evaluation,
+        **training_record(model_dir),
+    }
+
+
+def training_record(model_dir: Path) -> dict:
+    """What `epee.yaml` says about the training run: rows used, rows skipped, seconds."""
+    record = ModelSpec.load(model_dir / SPEC_FILE).training
+    return {
+        "train_samples": record.get("train_samples"),
+        "skipped_train_rows": record.get("skipped_rows", {}).get("train", 0),
+        "train_seconds": record.get("train_seconds"),
     }
 
 
 # --- notes derived from the numbers ----------------------------------------------------------------------------
 
 
+def verdict(run: dict, policy: str = "epee") -> str:
+    """'improves', 'matches' or 'loses': the policy's task F1 against full depth, with SAME_F1_MARGIN."""
+    key = run["f1_key"]
+    delta = run["results"][policy][key] - run["results"]["full"][key]
+    if delta > SAME_F1_MARGIN:
+        return "improves"
+    return "matches" if delta >= -SAME_F1_MARGIN else "loses"
+
+
 def overthinking_note(run: dict) -> str:
-    """One sentence per run: does EPEE improve on, match or fall short of full depth, and at what depth."""
+    """A few sentences per run: does EPEE improve on, match or fall short of full depth, how often it stops
+    early, how much overthinking there is to remove, and which early-exit rule does best."""
     results, key, layers = run["results"], run["f1_key"], run["num_layers"]
     full, epee, oracle = results["full"], results["epee"], results["oracle"]
-    delta = epee[key] - full[key]
+    scores = f"{key} {full[key]:.3f} → {epee[key]:.3f}"
     depth = f"{epee['avg_exit_layer']:.2f} of {layers} layers"
+    sentence = {
+        "improves": f"EPEE **improves** on full depth ({scores}) at {depth}",
+        "matches": f"EPEE matches full depth ({scores}) at {depth}",
+        "loses": f"EPEE **loses** {full[key] - epee[key]:.3f} {key} against full depth at {depth}",
+    }[verdict(run)]
+    early_share = 1 - epee["exit_layer_counts"][-1] / sum(epee["exit_layer_counts"])
     speed = epee["samples_per_second"] / full["samples_per_second"]
-    if delta > SAME_F1_MARGIN:
-        verdict = f"EPEE **improves** on full depth ({key} {full[key]:.3f} → {epee[key]:.3f}) at {depth}"
-    elif delta >= -SAME_F1_MARGIN:
-        verdict = f"EPEE matches full depth ({key} {full[key]:.3f} → {epee[key]:.3f}) at {depth}"
-    else:
-        verdict = f"EPEE **loses** {-delta:.3f} {key} against full depth at {depth}"
     overthought = oracle["accuracy"] - full["accuracy"]
     best = max(EARLY_EXIT_POLICIES, key=lambda name: (results[name][key], -results[name]["avg_exit_layer"]))
+    best_text = f"{best} ({results[best][key]:.3f} at {results[best]['avg_exit_layer']:.2f} layers)"
+    if best != "epee" and verdict(run, best) == "improves":
+        best_text += ", above full depth"
     return (
-        f"{verdict}, {speed:.2f}× the samples/s of full at batch 8; "
+        f"{sentence}, stopping before the last layer for {early_share:.0%} of samples "
+        f"(τ = {epee['params']['entropy_threshold']}); {speed:.2f}× the samples/s of full at batch 8. "
         f"{overthought:.1%} of samples are right at some earlier exit but wrong at the last (oracle − full "
-        f"accuracy); best early-exit {key}: {best} ({results[best][key]:.3f})."
+        f"accuracy). Best early-exit {key}: {best_text}."
     )
 
 
 def summary_notes(runs: list[dict]) -> list[str]:
     """Counts across runs: where EPEE is above, level with or below full depth."""
-    improves, matches, loses = [], [], []
+    groups: dict[str, list[str]] = {"improves": [], "matches": [], "loses": []}
     for run in runs:
-        key = run["f1_key"]
-        delta = run["results"]["epee"][key] - run["results"]["full"][key]
-        label = f"{run['backbone']}/{run['dataset']}"
-        if delta > SAME_F1_MARGIN:
-            improves.append(label)
-        elif delta >= -SAME_F1_MARGIN:
-            matches.append(label)
-        else:
-            loses.append(label)
+        groups[verdict(run)].append(f"{run['backbone']}/{run['dataset']}")
+    improves, matches, loses = groups["improves"], groups["matches"], groups["loses"]
+    others_above = [
+        f"{run['backbone']}/{run['dataset']} ({', '.join(names)})"
+        for run in runs
+        if verdict(run) != "improves"
+        and (names := [name for name in EARLY_EXIT_POLICIES if verdict(run, name) == "improves"])
+    ]
     overthinking = [
         f"{run['backbone']}/{run['dataset']}"
         for run in runs
@@ -251,6 +273,7 @@ def summary_notes(runs: list[dict]) -> list[str]:
         f"EPEE below full depth: {', '.join(loses) or 'none'}.",
         "At least 5 % of samples overthought (right at an earlier exit, wrong at the last): "
         f"{', '.join(overthinking) or 'none'}.",
+        f"Another early-exit rule above full depth where EPEE is not: {', '.join(others_above) or 'none'}.",
     ]
 
 
@@ -276,6 +299,12 @@ def table_rows(run: dict) -> list[str]:
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def train_rows(run: dict) -> str:
+    skipped = run["skipped_train_rows"]
+    note = f" ({skipped} skipped: entities nest, cannot be marked)" if skipped else ""
+    return f"{run['train_samples']}{note}"
 
 
 def policy_settings() -> str:
@@ -316,7 +345,7 @@ def render_markdown(report: dict) -> str:
     ]
     for run in runs:
         lines.append(
-            f"| {run['backbone']} | {run['dataset']} | {run['train_samples']} | {run['recipe']['epochs']} | "
+            f"| {run['backbone']} | {run['dataset']} | {train_rows(run)} | {run['recipe']['epochs']} | "
             f"{run['train_seconds']} |"
         )
     lines += ["", "Exact commands:", "", "```"]

@@ -20,6 +20,8 @@ def fake_run(
             "macro_f1": f1,
             "avg_exit_layer": exit_layer,
             "samples_per_second": 100.0,
+            "exit_layer_counts": [0, 0, 3, 0, 0, 1],  # 3 of 4 samples stop before layer 6
+            "params": {"entropy_threshold": 0.2},
         }
 
     scores = {name: policy(0.5, 0.5, 3.0) for name in results.POLICIES}
@@ -60,6 +62,7 @@ def test_each_recipe_is_the_epee_train_command_it_prints(backbone, dataset):
 def test_note_says_whether_epee_improves_matches_or_loses_against_full_depth(full_f1, epee_f1, verdict):
     note = results.overthinking_note(fake_run(full_f1, epee_f1))
     assert verdict in note and "3.00 of 6 layers" in note
+    assert "stopping before the last layer for 75% of samples" in note
 
 
 def test_overthinking_share_is_oracle_minus_full_accuracy():
@@ -70,9 +73,17 @@ def test_overthinking_share_is_oracle_minus_full_accuracy():
 def test_summary_sorts_runs_by_the_epee_verdict():
     runs = [fake_run(0.8, 0.9), fake_run(0.8, 0.8)]
     runs[1]["backbone"] = "gpt2-small"
-    above, level, below, overthought = results.summary_notes(runs)
+    above, level, below, overthought, others = results.summary_notes(runs)
     assert above.endswith("minilm/ade.") and level.endswith("gpt2-small/ade.") and below.endswith("none.")
-    assert "minilm/ade, gpt2-small/ade" in overthought
+    assert "minilm/ade, gpt2-small/ade" in overthought and others.endswith("none.")
+
+
+def test_summary_names_other_rules_that_beat_full_depth_when_epee_does_not():
+    run = fake_run(0.5, 0.5)  # entropy and fpabee score 0.5 too
+    run["results"]["patience"]["macro_f1"] = 0.6
+    assert results.summary_notes([run])[-1].endswith("minilm/ade (patience).")
+    note = results.overthinking_note(run)
+    assert "Best early-exit macro_f1: patience (0.600 at 3.00 layers), above full depth." in note
 
 
 def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
