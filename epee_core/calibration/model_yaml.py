@@ -21,9 +21,12 @@ class ServingOptions:
     min_workers: int = 1
     max_workers: int = 1
     response_timeout: int = 120  # s
+    num_threads: int | None = None  # torch threads per worker (`epee:` section); None: torch's default
 
     def check(self) -> None:
         for name, value in vars(self).items():
+            if value is None:
+                continue
             minimum = 0 if name == "max_batch_delay" else 1
             if value < minimum:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
@@ -36,6 +39,8 @@ def model_yaml(spec: ModelSpec, policy: Policy, serving: ServingOptions) -> dict
     if spec.task in TEXT_TASKS:
         section["max_length"] = spec.max_length
     section["allow_request_override"] = True
+    if serving.num_threads is not None:
+        section["num_threads"] = serving.num_threads
     config = {
         "minWorkers": serving.min_workers,
         "maxWorkers": serving.max_workers,
