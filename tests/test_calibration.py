@@ -15,6 +15,7 @@ from conftest import DEMO_DATA, LABELS, build_tiny_model
 from epee_core.calibration import (
     CalibrationJob,
     CalibrationOptions,
+    LayerTimes,
     LogitCache,
     ServingOptions,
     StaleCacheError,
@@ -465,3 +466,13 @@ def test_image_model_replay_equals_live_and_calibrates(image_model_and_data, tmp
     serve = ServeConfig.load(output)
     assert serve.task == "image-classification" and serve.max_length is None
     assert serve.policy.name == summary["chosen"]["policy"]
+
+
+def test_cost_model_is_not_skewed_by_one_slow_layer_timing():
+    """Identical layers timed 1.5, 1.5, 1.5 and 150 ms (a busy machine): the estimate uses the median layer."""
+    timing = LayerTimes(
+        batch_size=8, seq_len=16, embed_ms=1.0, layer_ms=[1.5, 1.5, 1.5, 150.0], head_ms=[0.5] * 4
+    )
+    assert timing.full_ms == pytest.approx(1.0 + 4 * 2.0)
+    # half the rows leave after layer 1, half after layer 3: average exit layer 2
+    assert timing.batch_ms(torch.tensor([1, 1, 3, 3])) == pytest.approx(1.0 + 2 * 2.0)
