@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, ModelSpec, ServeConfig, read_yaml
 from .deploy import ManagementClient
 from .loadplot import plot_latency
 from .loadtest import (
@@ -110,26 +110,37 @@ def run_comparison(job: ComparisonJob) -> dict:
                     )
             for variant in VARIANTS:
                 before = model_counters(server.metrics_url, models[variant])
-                run = load_run(variant, job.duration, job.peak_users, output_dir / variant)
-                run_locust(run)
+                load_before = os.getloadavg()[0]
+                run_locust(load_run(variant, job.duration, job.peak_users, output_dir / variant))
+                load_after = os.getloadavg()[0]
                 time.sleep(job.cooldown)
                 runs[variant] = {
                     "model": models[variant],
                     "policy_override": overrides[variant] or None,
                     "server": counters_delta(before, model_counters(server.metrics_url, models[variant])),
+                    # other processes on a shared machine: 1-minute load average before and after the run
+                    "machine_load": [round(load_before, 2), round(load_after, 2)],
                 }
         finally:
             server.stop()
 
     for variant, run in runs.items():
         run.update(stats_result(output_dir / variant, job.slo))
+    report = build_report(job, spec, serve, archive["archive"], runs)
+    return write_outputs(report, output_dir, job)
+
+
+def build_report(
+    job: ComparisonJob, spec: ModelSpec, serve: ServeConfig, archive: str, runs: dict[str, dict]
+) -> dict:
+    """The comparison as one JSON-able dict: setup, both runs, EPEE/full ratios, the SLO verdict."""
     epee, full = runs["epee"]["stats"], runs["full"]["stats"]
     yaml_config = read_yaml(job.config)
-    report = {
+    return {
         "date": datetime.now().isoformat(timespec="seconds"),
         "model": str(job.model_dir),
         "config": str(job.config),
-        "archive": archive["archive"],
+        "archive": archive,
         "task": spec.task,
         "num_layers": spec.num_layers,
         "policy": serve.policy.describe(),
@@ -163,6 +174,10 @@ def run_comparison(job: ComparisonJob) -> dict:
         "slo_violations": runs["epee"]["slo_violations"],  # the gate is on the served configuration
         "passed": runs["epee"]["passed"],
     }
+
+
+def write_outputs(report: dict, output_dir: Path, job: ComparisonJob) -> dict:
+    """latency.png from both runs' history, then comparison.md and comparison.json; returns the report."""
     histories = {variant: read_history(output_dir / variant) for variant in VARIANTS}
     plot = plot_latency(
         histories,
@@ -227,6 +242,10 @@ def render_comparison(report: dict) -> str:
     lines.append(
         f"| avg batch size (server) | {_fmt(epee['server']['avg_batch_size'], 2)} | "
         f"{_fmt(full['server']['avg_batch_size'], 2)} | |"
+    )
+    lines.append(
+        f"| machine load (1-min avg, before → after) | {' → '.join(map(str, epee['machine_load']))} | "
+        f"{' → '.join(map(str, full['machine_load']))} | |"
     )
     lines += ["", "p95 latency by request type, ms:", "", "| request | EPEE | full |", "|---|---|---|"]
     for name in sorted(set(epee["by_request"]) | set(full["by_request"])):

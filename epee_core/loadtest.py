@@ -202,7 +202,10 @@ _METRIC_LINE = re.compile(r"^(\w+)\{(.*)\}\s+([0-9.eE+-]+)$")
 def model_counters(metrics_url: str, model: str) -> dict:
     """The EPEE counters of one model on TorchServe's Prometheus endpoint: requests answered, layers run, and
     batches by size (what TorchServe's dynamic batching formed)."""
-    text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    try:
+        text = requests.get(f"{metrics_url}/metrics", timeout=10).text
+    except requests.RequestException as error:
+        raise LoadTestError(f"cannot read TorchServe's metrics at {metrics_url}: {error}") from None
     counters = {"requests": 0.0, "layers_run": 0.0, "batches": {}}
     for line in text.splitlines():
         match = _METRIC_LINE.match(line)

@@ -54,7 +54,7 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
 
     code = main(
         ["loadtest", "compare", "--model", str(model_dir), "--config", str(config), "--ts-config", str(ts_config),
-         "--peak-users", "3", "--duration", "8", "--warmup", "2", "--cooldown", "0.5",
+         "--peak-users", "3", "--duration", "6", "--warmup", "1", "--cooldown", "0.5",
          "--data-dir", str(write_data_dir(tmp_path / "data")), "--output-dir", str(output), "--slo", str(slo),
          "--json"]
     )  # fmt: skip
