@@ -73,15 +73,16 @@ def test_overthinking_share_is_oracle_minus_full_accuracy():
 def test_summary_sorts_runs_by_the_epee_verdict():
     runs = [fake_run(0.8, 0.9), fake_run(0.8, 0.8)]
     runs[1]["backbone"] = "gpt2-small"
-    above, level, below, overthought, others = results.summary_notes(runs)
+    above, level, below, overthought, others, rarely_early = results.summary_notes(runs)
     assert above.endswith("minilm/ade.") and level.endswith("gpt2-small/ade.") and below.endswith("none.")
     assert "minilm/ade, gpt2-small/ade" in overthought and others.endswith("none.")
+    assert rarely_early.endswith("none.")  # 3 of 4 samples stop early
 
 
 def test_summary_names_other_rules_that_beat_full_depth_when_epee_does_not():
     run = fake_run(0.5, 0.5)  # entropy and fpabee score 0.5 too
     run["results"]["patience"]["macro_f1"] = 0.6
-    assert results.summary_notes([run])[-1].endswith("minilm/ade (patience).")
+    assert results.summary_notes([run])[-2].endswith("minilm/ade (patience).")
     note = results.overthinking_note(run)
     assert "Best early-exit macro_f1: patience (0.600 at 3.00 layers), above full depth." in note
 
