@@ -77,51 +77,31 @@ def _batches(items: list, batch_size: int) -> list[list]:
 def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
     """A fresh early-exit model on the named backbone, heads randomly initialised."""
     backbone, preprocessor = build_backbone(config.backbone)
-    if config.task == "image-classification":
-        return _build_image_model(config, labels, backbone, preprocessor)
-    if backbone.modality != "text":
+    wants = "image" if config.task == "image-classification" else "text"
+    if backbone.modality != wants:
+        hint = " (vit-small or a ViT checkpoint directory)" if wants == "image" else ""
         raise ConfigError(
-            f"--backbone {config.backbone}: task {config.task} needs a text backbone, "
-            f"'{backbone.kind}' takes images"
+            f"--backbone {config.backbone}: task {config.task} needs a backbone for {wants}{hint}, "
+            f"'{backbone.kind}' takes {backbone.modality}"
         )
-    tokenizer = preprocessor
-    entity_markers: list[str] = []
+    spec = ModelSpec(
+        task=config.task,
+        labels=labels,
+        backbone=backbone.kind,
+        pooling=config.pooling or backbone.default_pooling,
+        num_layers=backbone.num_layers,
+        hidden_size=backbone.hidden_size,
+    )
+    if wants == "image":
+        spec.image_size, spec.num_channels = backbone.image_size, backbone.num_channels
+        return EarlyExitModel(spec, backbone, image_processor=preprocessor)
+    spec.max_length = config.max_length
     if config.task == "relation-extraction":
-        add_entity_markers(tokenizer)
-        backbone.resize_token_embeddings(len(tokenizer))
-        entity_markers = list(ENTITY_MARKERS)
-    negative = next((label for label in NEGATIVE_LABELS if label in labels), None)
-    spec = ModelSpec(
-        task=config.task,
-        labels=labels,
-        backbone=backbone.kind,
-        pooling=config.pooling or backbone.default_pooling,
-        num_layers=backbone.num_layers,
-        hidden_size=backbone.hidden_size,
-        max_length=config.max_length,
-        entity_markers=entity_markers,
-        negative_label=negative if config.task == "relation-extraction" else None,
-    )
-    return EarlyExitModel(spec, backbone, tokenizer)
-
-
-def _build_image_model(config: TrainConfig, labels: list[str], backbone, image_processor) -> EarlyExitModel:
-    if backbone.modality != "image":
-        raise ConfigError(
-            f"--backbone {config.backbone}: task image-classification needs an image backbone "
-            f"(vit-small or a ViT checkpoint directory), '{backbone.kind}' takes text"
-        )
-    spec = ModelSpec(
-        task=config.task,
-        labels=labels,
-        backbone=backbone.kind,
-        pooling=config.pooling or backbone.default_pooling,
-        num_layers=backbone.num_layers,
-        hidden_size=backbone.hidden_size,
-        image_size=backbone.image_size,
-        num_channels=backbone.num_channels,
-    )
-    return EarlyExitModel(spec, backbone, image_processor=image_processor)
+        add_entity_markers(preprocessor)
+        backbone.resize_token_embeddings(len(preprocessor))
+        spec.entity_markers = list(ENTITY_MARKERS)
+        spec.negative_label = next((label for label in NEGATIVE_LABELS if label in labels), None)
+    return EarlyExitModel(spec, backbone, tokenizer=preprocessor)
 
 
 def encode_examples(
