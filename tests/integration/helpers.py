@@ -14,6 +14,9 @@ import requests
 import yaml
 
 from epee_core.cli import main
+from epee_core.model import EarlyExitModel
+from epee_core.policies import Policy
+from epee_core.runner import run_early_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIG = ROOT / "config.properties"
@@ -117,3 +120,13 @@ def wait_for_metric(metrics_url: str, name: str, model: str, expected_total: flo
         if sum(values.values()) >= expected_total or time.monotonic() > deadline:
             return values
         time.sleep(0.3)
+
+
+def engine_answer(model: EarlyExitModel, inputs: dict, policy: Policy) -> dict:
+    """The in-process engine's answer for one input: what the server's answer must equal."""
+    result = run_early_exit(model, inputs, policy)
+    return {
+        "label": model.spec.labels[int(result.probs[0].argmax())],
+        "exit_layer": int(result.exit_layer[0]),
+        "probs": result.probs[0].tolist(),
+    }

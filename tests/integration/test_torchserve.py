@@ -19,12 +19,12 @@ from epee_core.config import ServeConfig
 from epee_core.data import encode_texts
 from epee_core.deploy import ManagementClient
 from epee_core.model import EarlyExitModel
-from epee_core.runner import run_early_exit
 from epee_core.torchserve import TorchServe
 
 from .helpers import (
     clean_python,
     derive_config,
+    engine_answer,
     free_ports,
     package,
     post_all,
@@ -93,12 +93,7 @@ def engine(setup):
     policy = ServeConfig.load(setup["config"]).policy
 
     def answer(text: str) -> dict:
-        result = run_early_exit(model, encode_texts(model.tokenizer, [text], model.spec.max_length), policy)
-        return {
-            "label": model.spec.labels[int(result.probs[0].argmax())],
-            "exit_layer": int(result.exit_layer[0]),
-            "probs": result.probs[0].tolist(),
-        }
+        return engine_answer(model, encode_texts(model.tokenizer, [text], model.spec.max_length), policy)
 
     return answer
 
@@ -186,12 +181,19 @@ def test_bad_requests_get_their_own_4xx_json_and_batch_mates_are_answered(server
         (json_call(server, {"tëxt": "Fièvre"}), 400, "unknown field 'tëxt'"),  # a non-ASCII error message
     ]
     good = [json_call(server, {"text": text}) for text in SENTENCES[:5]]
-    calls = [call for call, _, _ in bad] + good  # 13 requests: batches of 4, 4, 4, 1 mixing good and bad
+    # 13 requests, bad and good interleaved so that batches of 4 mix them whatever the arrival order's jitter
+    # (sent bad-first, a quiet machine batches them in send order: 4 bad, 4 bad, 4 good, 1 good)
+    order = [("bad", index) for index in range(len(bad))] + [("good", index) for index in range(len(good))]
+    order.sort(key=lambda item: item[1] * 2 + (item[0] == "good"))
+    calls = [bad[index][0] if kind == "bad" else good[index] for kind, index in order]
     responses = post_all(predict_url(server), calls)
-    for response, (_, status, fragment) in zip(responses, bad):
-        assert response.status_code == status, response.text
-        assert set(response.json()) == {"error"} and fragment in response.json()["error"]
-    assert all(response.status_code == 200 and response.json()["label"] for response in responses[len(bad) :])
+    for (kind, index), response in zip(order, responses):
+        if kind == "bad":
+            _, status, fragment = bad[index]
+            assert response.status_code == status, response.text
+            assert set(response.json()) == {"error"} and fragment in response.json()["error"]
+        else:
+            assert response.status_code == 200 and response.json()["label"]
     batch_statuses = defaultdict(set)
     for response in responses:
         batch_statuses[response.headers["X-EPEE-Batch-Id"]].add(response.status_code == 200)

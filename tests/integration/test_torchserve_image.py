@@ -19,10 +19,9 @@ from epee_core.cli import main
 from epee_core.config import ServeConfig
 from epee_core.images import encode_images, image_transform, load_image
 from epee_core.model import EarlyExitModel
-from epee_core.runner import run_early_exit
 from epee_core.torchserve import TorchServe
 
-from .helpers import derive_config, package, post_all, write_model_yaml
+from .helpers import derive_config, engine_answer, package, post_all, write_model_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -99,12 +98,7 @@ def engine(setup):
     transform = image_transform(model.image_processor, model.spec.num_channels)
 
     def answer(path) -> dict:
-        result = run_early_exit(model, encode_images(transform, [load_image(path)]), policy)
-        return {
-            "label": model.spec.labels[int(result.probs[0].argmax())],
-            "exit_layer": int(result.exit_layer[0]),
-            "probs": result.probs[0].tolist(),
-        }
+        return engine_answer(model, encode_images(transform, [load_image(path)]), policy)
 
     return answer
 
