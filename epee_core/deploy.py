@@ -110,7 +110,7 @@ class ManagementClient:
         initial_workers: int = 1,
         response_timeout: int | None = None,
     ) -> dict:
-        """Register an archive of the model store (or a file:// URL) and start its workers (synchronously)."""
+        """Register an archive of the model store by name (NAME.mar) and start its workers (synchronously)."""
         return self._call(
             "POST",
             "/models",

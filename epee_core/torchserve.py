@@ -1,15 +1,15 @@
 """Start and stop a local TorchServe for `epee demo` and the integration tests.
 
 `torchserve --start` leaves a Java server that inherits stdout/stderr, so its output goes to a log file (a pipe
-would hang the caller). TorchServe keeps its pid file in TMPDIR: with `private_tmp` each server gets its own
-(under logs/), so several servers on different ports can run side by side (tests); without it a plain
-`torchserve --stop` finds the server (the demo's `--keep-running`).
+would hang the caller). TorchServe keeps its pid file (and unpacked archives) in TMPDIR: with `private_tmp` each
+server gets its own, under logs/tmp/<inference port>, so several servers can run side by side from one directory
+(tests, load comparisons); without it a plain `torchserve --stop` finds the server (the demo's `--keep-running`).
+`stop()` always stops *this* server's process, never whichever server another pid file names.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import requests
 
 from .deploy import KEY_FILE, ServerError, read_key_file
@@ -85,7 +86,8 @@ class TorchServe:
         self.token_auth = properties.get("disable_token_authorization", "false").lower() != "true"
         self.log_dir = self.workdir / "logs"
         self.log_file = self.log_dir / "torchserve.out"
-        self.tmp_dir = self.log_dir / "tmp" if private_tmp else Path(tempfile.gettempdir())
+        port = urlparse(self.addresses["inference_address"]).port or 80
+        self.tmp_dir = self.log_dir / "tmp" / str(port) if private_tmp else Path(tempfile.gettempdir())
         self.pid: int | None = None
         self.keys: dict[str, str] = {}
 
@@ -166,16 +168,34 @@ class TorchServe:
         return ping.status_code == 200
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop the server (`torchserve --stop`) and make sure its Java process is gone."""
+        """Stop this server as `torchserve --stop` does (SIGTERM to its Java process, wait), then SIGKILL
+        whatever is left of it and its workers."""
         if self.pid is None:
             return
-        self._run_launcher("--stop", "--foreground", timeout=timeout + 10)
-        deadline = time.monotonic() + timeout
-        while _alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(self.pid):
-            os.kill(self.pid, signal.SIGKILL)
+        try:
+            server = psutil.Process(self.pid)
+            workers = server.children(recursive=True)
+            server.terminate()
+            server.wait(timeout)
+        except psutil.TimeoutExpired:
+            server.kill()
+        except psutil.NoSuchProcess:
+            workers = []
+        for worker in workers:
+            if worker.is_running():
+                worker.kill()
+        (self.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
         self.pid = None
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the server's Python model workers (children of the Java frontend)."""
+        if self.pid is None:
+            return []
+        try:
+            children = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [child.pid for child in children if "model_service_worker" in " ".join(child.cmdline())]
 
     def auth(self, api: str = "inference") -> dict[str, str]:
         """The Authorization header for the `inference` or `management` API ({} when token auth is off)."""

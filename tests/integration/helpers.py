@@ -56,8 +56,9 @@ def free_ports(count: int) -> list[int]:
 
 
 def derive_config(target: Path, model_store: Path) -> Path:
-    """The root config.properties on free ports, with absolute paths so it works from another directory."""
-    ports = iter(free_ports(3))
+    """The root config.properties on free ports (gRPC too), with absolute paths so it works from another
+    directory."""
+    ports = iter(free_ports(5))
     lines = []
     for line in ROOT_CONFIG.read_text(encoding="utf-8").splitlines():
         key = line.partition("=")[0].strip()
@@ -68,6 +69,7 @@ def derive_config(target: Path, model_store: Path) -> Path:
         elif key == "model_store":
             line = f"model_store={model_store}"
         lines.append(line)
+    lines += [f"grpc_inference_port={next(ports)}", f"grpc_management_port={next(ports)}"]
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
 

@@ -14,7 +14,7 @@ from conftest import DEMO_DATA, build_tiny_model
 
 from epee_core.cli import main
 
-from .helpers import derive_config, free_ports, write_model_yaml
+from .helpers import derive_config, write_model_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -47,11 +47,6 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
         tmp_path / "tiny.yaml", batch_size=4, max_batch_delay=20, task="text-classification", num_threads=1
     )
     ts_config = derive_config(tmp_path / "config.properties", tmp_path / "model_store")
-    grpc_inference, grpc_management = free_ports(
-        2
-    )  # TorchServe's gRPC ports too: another server may hold 7070
-    with ts_config.open("a") as properties:
-        properties.write(f"grpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n")
     slo = tmp_path / "slo.yaml"
     slo.write_text("max_failure_rate: 0\n")  # the gate: no failed request at all
     output = tmp_path / "reports"

@@ -7,7 +7,10 @@ Two test runs on one machine would both need port 8080: a lock file makes them t
 from __future__ import annotations
 
 import fcntl
+import shutil
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from conftest import build_tiny_model
@@ -68,10 +71,46 @@ def test_root_config_listens_on_the_documented_local_ports_with_token_auth(serve
     assert {"modelName": MODEL, "modelUrl": f"{MODEL}.mar"} in listed.json()["models"]
 
 
-def test_remote_model_urls_are_refused(server, capsys):
+@pytest.fixture(scope="module")
+def outside_archive(setup, tmp_path_factory) -> Path:
+    """A copy of the test archive outside model_store: a file an attacker could have dropped anywhere."""
+    elsewhere = tmp_path_factory.mktemp("outside-model-store") / "planted.mar"
+    shutil.copy(ROOT / "model_store" / f"{MODEL}.mar", elsewhere)
+    return elsewhere
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [
+        ("https://example.com/model.mar", "does not match any allowed URL"),
+        ("http://127.0.0.1:9/model.mar", "does not match any allowed URL"),  # SSRF into the host
+        ("file://{outside}", "does not match any allowed URL"),
+        ("{outside}", "Model not found"),
+        ("../model_store/{model}.mar", "Relative path is not allowed"),
+        ("file://{store}/{model}.mar", "does not match any allowed URL"),  # names only, even inside the store
+    ],
+)
+def test_registration_only_from_the_model_store_by_name(server, outside_archive, capsys, where, expected):
+    url = where.format(outside=outside_archive, store=ROOT / "model_store", model=MODEL)
     token = f"--token={server.keys['management']}"  # `=`: a key may start with '-'
-    assert main(["deploy", "register", "--mar", "https://example.com/model.mar", token]) == 2
-    assert "does not match any allowed URL" in capsys.readouterr().err
+    assert main(["deploy", "register", "--mar", url, "--name", "planted", token]) == 2
+    assert expected in capsys.readouterr().err
+    listed = requests.get(f"{server.management_url}/models", headers=server.auth("management"), timeout=10)
+    assert [entry["modelName"] for entry in listed.json()["models"]] == [MODEL]
+
+
+def test_every_listening_socket_is_loopback(server):
+    """HTTP APIs, gRPC (7070/7071) and anything else the Java frontend or its workers listen on."""
+    processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    listening = [
+        connection.laddr
+        for process in processes
+        for connection in process.net_connections(kind="inet")
+        if connection.status == psutil.CONN_LISTEN
+    ]
+    ports = {address.port for address in listening}
+    assert {8080, 8081, 8082, 7070, 7071} <= ports
+    assert {address.ip for address in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
 def test_relation_extraction_answers_match_the_engine_and_bad_entities_get_400(setup, server):
