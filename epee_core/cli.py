@@ -448,6 +448,17 @@ def add_deploy(commands) -> None:
     set_default = action("set-default", "make VERSION the version that serves /predictions/NAME")
     set_default.add_argument("name")
     set_default.add_argument("version")
+    rollout = action(
+        "rollout",
+        "serve a new version with no request dropped: register it, make it the default, drain and "
+        "unregister the old version(s)",
+    )
+    rollout.add_argument("--mar", required=True, help="the new version's archive in the model store (NAME.mar)")
+    rollout.add_argument("--name", required=True, help="the model name requests use (/predictions/NAME)")
+    rollout.add_argument("--workers", type=int, default=1, help="workers of the new version (default 1)")
+    rollout.add_argument(
+        "--drain-timeout", type=float, default=60.0, help="seconds to wait for an old version's queue to empty"
+    )
 
 
 def run_deploy(args) -> None:
@@ -472,6 +483,9 @@ def run_deploy(args) -> None:
             result = client.list_models()
         elif args.action == "describe":
             result = client.describe(args.name, args.version)
+        elif args.action == "rollout":
+            log = (lambda message: None) if args.json else print
+            result = client.rollout(args.mar, args.name, args.workers, args.drain_timeout, log=log)
         else:
             result = client.set_default(args.name, args.version)
     except ServerError as error:
@@ -480,6 +494,8 @@ def run_deploy(args) -> None:
 
 
 def render_deploy(result) -> str:
+    if isinstance(result, dict) and "replaced" in result:  # rollout
+        return f"{result['model']} now serves version {result['version']}"
     if isinstance(result, dict) and "models" in result:
         models = result["models"]
         return (
