@@ -11,7 +11,8 @@ from epee_core.backbones import adapter_for
 from epee_core.config import ModelSpec
 from epee_core.model import EarlyExitModel
 from epee_core.policies import make_policy
-from epee_core.runner import run_early_exit
+from epee_core.runner import first_exit_read, length_buckets, run_bucketed, run_early_exit
+from epee_core.runner_before import run_early_exit_before
 
 POLICIES = [
     ("full", {}),
@@ -55,6 +56,40 @@ def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, nam
             batched.predictions(model.multi_label)[row], alone.predictions(model.multi_label)[0]
         )
         torch.testing.assert_close(batched.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
+@pytest.mark.parametrize("batch_size", [2, 16])
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_bucketed_run_equals_each_sample_alone(tiny_models, task, batch_size, name, params):
+    model = tiny_models[task]
+    policy = make_policy(name, params)
+    batch = random_batch(batch_size, len(model.tokenizer), max_len=40, seed=batch_size)
+    labels = random_labels(model, batch_size)
+    bucketed = run_bucketed(model, batch, policy, labels, overhead_tokens=4)
+    for row in range(batch_size):
+        alone = run_early_exit(model, single_row(batch, row), policy, labels[row : row + 1])
+        assert bucketed.exit_layer[row] == alone.exit_layer[0], f"row {row}"
+        assert torch.equal(
+            bucketed.predictions(model.multi_label)[row], alone.predictions(model.multi_label)[0]
+        )
+        torch.testing.assert_close(bucketed.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(bucketed.logits[row], alone.logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
+@pytest.mark.parametrize(("name", "params"), POLICIES)
+def test_runner_gives_the_answers_of_the_runner_before_issue_9(tiny_models, task, name, params):
+    model = tiny_models[task]
+    policy = make_policy(name, params)
+    batch = random_batch(16, len(model.tokenizer), seed=7)
+    labels = random_labels(model, 16)
+    before = run_early_exit_before(model, batch, policy, labels)
+    for result in (run_early_exit(model, batch, policy, labels), run_bucketed(model, batch, policy, labels)):
+        assert torch.equal(result.exit_layer, before.exit_layer)
+        torch.testing.assert_close(result.probs, before.probs, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.entropy, before.entropy, atol=1e-5, rtol=1e-4)
+    assert run_early_exit(model, batch, policy, labels).rows_per_layer == before.rows_per_layer
 
 
 @pytest.mark.parametrize(("name", "params"), [p for p in POLICIES if p[0] not in ("full", "static")])
@@ -138,3 +173,79 @@ def test_runner_works_inside_inference_mode(tiny_model, tokenizer):
     with torch.inference_mode():
         result = run_early_exit(tiny_model, random_batch(5, len(tokenizer)), make_policy("epee"))
     assert result.exit_layer.shape == (5,)
+
+
+def count_head_calls(model: EarlyExitModel) -> list[int]:
+    """Record which exit heads (0-based layer index) run."""
+    calls: list[int] = []
+    for index, head in enumerate(model.exits.heads):
+        head.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
+    return calls
+
+
+def test_full_runs_only_the_last_exit_head(tokenizer):
+    model = build_tiny_model(tokenizer)
+    calls = count_head_calls(model)
+    run_early_exit(model, random_batch(5, len(tokenizer)), make_policy("full"))
+    assert calls == [3]
+
+
+def test_static_runs_only_its_exit_head(tokenizer):
+    model = build_tiny_model(tokenizer)
+    calls = count_head_calls(model)
+    result = run_early_exit(model, random_batch(5, len(tokenizer)), make_policy("static", {"layer": 2}))
+    assert calls == [1] and result.exit_layer.tolist() == [2] * 5
+
+
+def test_stateless_rules_skip_exit_heads_before_min_layer(tokenizer):
+    model = build_tiny_model(tokenizer)
+    calls = count_head_calls(model)
+    run_early_exit(model, random_batch(5, len(tokenizer)), make_policy("entropy", {"min_layer": 3}))
+    assert min(calls) == 2
+
+
+def test_counting_rules_read_every_exit_even_with_min_layer():
+    for name in ("patience", "epee", "fpabee"):
+        assert first_exit_read(make_policy(name, {"min_layer": 3}), 4) == 1
+
+
+def test_static_below_min_layer_reads_only_the_last_exit():
+    assert first_exit_read(make_policy("static", {"layer": 1, "min_layer": 2}), 4) == 4
+
+
+def test_length_buckets_cover_every_row_once_shortest_first():
+    lengths = [50, 8, 9, 48, 10, 52, 7, 49]
+    buckets = length_buckets(lengths, overhead_tokens=16)
+    assert sorted(row for bucket in buckets for row in bucket) == list(range(8))
+    assert [sorted(lengths[row] for row in bucket) for bucket in buckets] == [[7, 8, 9, 10], [48, 49, 50, 52]]
+
+
+def test_length_buckets_keep_one_batch_when_lengths_are_close():
+    assert len(length_buckets([20, 21, 22, 20, 19], overhead_tokens=16)) == 1
+
+
+def test_length_buckets_split_more_when_a_sub_batch_costs_less():
+    lengths = [5, 10, 20, 40, 80]
+    assert len(length_buckets(lengths, overhead_tokens=0)) == 5
+    assert len(length_buckets(lengths, overhead_tokens=10_000)) == 1
+
+
+def test_bucketed_sub_batches_carry_only_their_own_padding(tokenizer):
+    model = build_tiny_model(tokenizer)
+    batch = random_batch(6, len(tokenizer), max_len=40, seed=4)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    buckets = length_buckets(lengths, overhead_tokens=4)
+    assert len(buckets) > 1
+    calls = count_rows_and_lengths(model)
+    result = run_bucketed(model, batch, make_policy("full"), overhead_tokens=4)
+    first_layer = calls[:: model.num_layers]  # `full`: each sub-batch runs every layer in turn
+    expected = [(len(rows), max(lengths[row] for row in rows)) for rows in buckets]
+    assert first_layer == expected
+    assert result.rows_per_layer == [6] * model.num_layers
+
+
+def test_bucketed_run_refuses_left_padding(tokenizer):
+    model = build_tiny_model(tokenizer)
+    batch = {key: value.flip(1) for key, value in random_batch(3, len(tokenizer), seed=1).items()}
+    with pytest.raises(ValueError, match="right padding"):
+        run_bucketed(model, batch, make_policy("full"))
