@@ -18,7 +18,7 @@ from .config import ConfigError, ServeConfig
 from .data import Example, InputError, encode_texts, model_text
 from .model import EarlyExitModel
 from .policies import Policy, PolicyError
-from .runner import run_early_exit
+from .runner import run_bucketed
 
 ARCHIVE_MODEL_DIR = "model"  # where `epee package` puts the model directory inside a .mar
 POLICY_HEADER = "X-EPEE-Policy"
@@ -213,7 +213,7 @@ class EarlyExitService:
         for indices in groups.values():
             policy = requests[indices[0]].policy
             inputs = self.encode_inputs([requests[index].model_input for index in indices])
-            result = run_early_exit(self.model, inputs, policy)
+            result = run_bucketed(self.model, inputs, policy)  # length-bucketed sub-batches (issue 9)
             for row, index in enumerate(indices):
                 answers[index] = self._encode_answer(result, row, policy)
         return answers  # type: ignore[return-value]

@@ -8,7 +8,7 @@ from conftest import build_tiny_model
 import epee_core.serving as serving
 from epee_core.config import ConfigError, ServeConfig
 from epee_core.data import encode_texts
-from epee_core.runner import run_early_exit
+from epee_core.runner import run_bucketed, run_early_exit
 from epee_core.serving import RequestError, TextService, request_payload
 
 TEXTS = [
@@ -203,9 +203,9 @@ def test_a_batch_runs_one_engine_call_per_distinct_policy(models, monkeypatch):
 
     def counting_run(model, inputs, policy, labels=None):
         calls.append((policy.name, int(inputs["input_ids"].shape[0])))
-        return run_early_exit(model, inputs, policy, labels)
+        return run_bucketed(model, inputs, policy, labels)
 
-    monkeypatch.setattr(serving, "run_early_exit", counting_run)
+    monkeypatch.setattr(serving, "run_bucketed", counting_run)
     rows = [{"body": {"text": text}} for text in TEXTS]
     headers = [JSON, {**JSON, "X-EPEE-Policy": "full"}, JSON, {**JSON, "X-EPEE-Policy": "full"}]
     answers = service(models).answer(rows, headers)
