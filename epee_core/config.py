@@ -151,6 +151,7 @@ SERVE_KEYS = {
     "max_text_chars": int,
     "max_image_pixels": int,
     "num_threads": int,
+    "log_inputs": bool,
 }
 
 
@@ -171,6 +172,7 @@ class ServeConfig:
     max_text_chars: int = 20_000
     max_image_pixels: int = 4096 * 4096  # image-classification: width × height, checked before decoding
     num_threads: int | None = None
+    log_inputs: bool = False  # debugging on synthetic data only: writes request bodies to the logs (PHI!)
 
     @classmethod
     def from_section(

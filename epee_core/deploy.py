@@ -1,4 +1,5 @@
-"""`epee deploy`: register, scale, describe, list, unregister and set-default through TorchServe's management API.
+"""`epee deploy`: register, scale, describe, list, unregister, set-default and rollout through TorchServe's
+management API.
 
 Token authorization is on by default in TorchServe: the management key comes from `--token`, then
 `$EPEE_MANAGEMENT_KEY`, then the `key_file.json` TorchServe wrote where it was started (`--key-file`).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,52 @@ class ManagementClient:
 
     def set_default(self, name: str, version: str) -> dict:
         return self._call("PUT", self._model_path(name, version) + "/set-default", model=name)
+
+    def versions(self, name: str) -> list[str]:
+        """The registered versions of a model ([] when it is not registered)."""
+        try:
+            return [entry["modelVersion"] for entry in self.describe(name, "all")]
+        except ServerError as error:
+            if "not found" in str(error).lower():
+                return []
+            raise
+
+    def pending_requests(self, name: str, version: str) -> int:
+        """Requests waiting in one version's queue (TorchServe's jobQueueStatus)."""
+        entry = self.describe(name, version)[0]
+        return int(entry.get("jobQueueStatus", {}).get("pendingRequests", 0))
+
+    def rollout(
+        self,
+        mar: str,
+        name: str,
+        workers: int = 1,
+        drain_timeout: float = 60.0,
+        drain_grace: float = 2.0,
+        log=print,
+    ) -> dict:
+        """Replace the served version of `name` by the archive `mar` without dropping a request.
+
+        1. register the new version next to the old ones and start its workers (synchronously);
+        2. make it the default, so /predictions/NAME goes to it from now on;
+        3. for each old version: wait until its queue is empty plus `drain_grace` seconds for the batch its
+           workers are running, then unregister it.
+        An archive whose version is already registered is refused by TorchServe (bump `epee package --version`).
+        """
+        old = self.versions(name)
+        self.register(mar, name=name, initial_workers=workers)
+        new = [version for version in self.versions(name) if version not in old]
+        if len(new) != 1:
+            raise ServerError(f"rollout of {mar}: expected one new version of {name}, found {new or 'none'}")
+        version = new[0]
+        log(f"registered {name} version {version} ({workers} worker(s)) next to {', '.join(old) or 'nothing'}")
+        self.set_default(name, version)
+        log(f"{name} version {version} is the default: /predictions/{name} goes to it")
+        for previous in old:
+            deadline = time.monotonic() + drain_timeout
+            while self.pending_requests(name, previous) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            time.sleep(drain_grace)
+            self.unregister(name, previous)
+            log(f"unregistered {name} version {previous}")
+        return {"model": name, "version": version, "replaced": old}

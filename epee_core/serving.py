@@ -71,7 +71,8 @@ def _content_type(headers: Mapping[str, Any], field_name: str) -> str:
     return value.split(";")[0].strip().lower()
 
 
-def _payload_size(payload: Any) -> int:
+def payload_size(payload: Any) -> int:
+    """Size in bytes of a request body as TorchServe hands it over (bytes, text, or parsed JSON)."""
     if isinstance(payload, (bytes, bytearray)):
         return len(payload)
     if isinstance(payload, str):
@@ -93,7 +94,7 @@ def request_payload(row: Any, headers: Mapping[str, Any], max_body_bytes: int) -
             "form-encoded bodies (curl's default --data) are not supported",
         )
     payload = row[field_name]
-    size = _payload_size(payload)
+    size = payload_size(payload)
     if size > max_body_bytes:
         raise RequestError(
             413, f"request body is {size} bytes, the limit is {max_body_bytes} (max_body_bytes)"

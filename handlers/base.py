@@ -8,6 +8,7 @@ postprocess → per-request status, JSON body, batch headers and exit-layer metr
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 import epee_core
 from epee_core.config import ServeConfig
 from epee_core.model import EarlyExitModel
+from epee_core.request_log import debug_input_line, request_line
 from epee_core.serving import ARCHIVE_MODEL_DIR, Answer, EarlyExitService
 
 logger = logging.getLogger(__name__)
@@ -67,17 +69,25 @@ class EarlyExitHandler(BaseHandler):
             torch.get_num_threads(),
             Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
         )
+        if config.log_inputs:
+            logger.warning("epee: %s has log_inputs on: request bodies go to the logs (never with PHI)",
+                           context.model_name)  # fmt: skip
 
     def preprocess(self, data: list) -> tuple[list, list[dict]]:
+        self.rows = data
         headers = [self.context.get_all_request_header(index) for index in range(len(data))]
         return data, headers
 
     def inference(self, batch: tuple[list, list[dict]], *args, **kwargs) -> list[Answer]:
         rows, headers = batch
-        return self.service.answer(rows, headers)
+        started = time.perf_counter()
+        answers = self.service.answer(rows, headers)
+        self.model_ms = (time.perf_counter() - started) * 1000
+        return answers
 
     def postprocess(self, answers: list[Answer]) -> list[dict]:
         batch_id, batch_size = uuid.uuid4().hex[:12], str(len(answers))
+        self.log_requests(answers, batch_id)
         for index, answer in enumerate(answers):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
@@ -88,6 +98,17 @@ class EarlyExitHandler(BaseHandler):
                 )
         self.record_metrics(answers)
         return [answer.body for answer in answers]
+
+    def log_requests(self, answers: list[Answer], batch_id: str) -> None:
+        """One line per request: id, size, status, exit layer, timing; never the content (request_log.py)."""
+        num_layers = self.service.spec.num_layers
+        for index, (row, answer) in enumerate(zip(self.rows, answers)):
+            request_id = self.context.get_request_id(index)
+            if self.service.config.log_inputs:
+                logger.info(debug_input_line(request_id, row))
+            logger.info(
+                request_line(request_id, row, answer, batch_id, len(answers), self.model_ms, num_layers)
+            )
 
     def record_metrics(self, answers: list[Answer]) -> None:
         """Per request: a counter per exit layer (and policy), layers run and layers saved; one batch count."""

@@ -1,0 +1,55 @@
+"""What the serving handler writes to the logs about each request: ids, sizes, outcome and timing, never content.
+
+Clinical text and images are protected health information (PHI): a log line carries the request id, the body
+size in bytes, the HTTP status, the exit layer and policy, the batch and the batch's model time, and nothing a
+person wrote. Error *messages* stay out too (they may quote a field, e.g. an entity that does not occur in the
+text); the client gets them in its response. Only `log_inputs: true` in the model YAML's `epee:` section (a
+debugging aid for synthetic data) adds the request body, and the handler warns at start-up when it is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .serving import Answer, payload_size
+
+DEBUG_INPUT_CHARS = 500  # with log_inputs, at most this much of a body per line
+
+
+def request_body_size(row: Any) -> int:
+    """Bytes of a TorchServe request row's body (`body` or `data`); 0 when it has none (form-encoded)."""
+    if isinstance(row, Mapping):
+        for name in ("body", "data"):
+            if name in row:
+                return payload_size(row[name])
+    return 0
+
+
+def request_line(
+    request_id: str,
+    row: Any,
+    answer: Answer,
+    batch_id: str,
+    batch_size: int,
+    model_ms: float,
+    num_layers: int,
+) -> str:
+    """One log line per request, free of request content."""
+    outcome = (
+        f"exit layer {answer.exit_layer} of {num_layers}, policy {answer.policy}"
+        if answer.exit_layer is not None
+        else "refused"
+    )
+    return (
+        f"epee request {request_id}: {request_body_size(row)} bytes, status {answer.status}, {outcome}, "
+        f"batch {batch_id} of {batch_size}, model {model_ms:.1f} ms"
+    )
+
+
+def debug_input_line(request_id: str, row: Any) -> str:
+    """The request body itself, for `log_inputs: true` only (synthetic data, never PHI)."""
+    body = row.get("body", row.get("data")) if isinstance(row, Mapping) else row
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body[:DEBUG_INPUT_CHARS]).decode("utf-8", errors="backslashreplace")
+    return f"epee request {request_id} input (log_inputs is on): {str(body)[:DEBUG_INPUT_CHARS]!r}"
