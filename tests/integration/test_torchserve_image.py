@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
-from collections import defaultdict
+import random
+import struct
+import zlib
+from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -146,3 +149,69 @@ def test_bad_images_get_their_own_4xx_and_batch_mates_are_answered(server, image
     for response in responses:
         batch_statuses[response.headers["X-EPEE-Batch-Id"]].add(response.status_code == 200)
     assert any(statuses == {True, False} for statuses in batch_statuses.values())  # bad and good in one batch
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A decompression bomb's calling card: a valid PNG header declaring width × height, one tiny data chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_a_hundred_mixed_image_requests_at_once(server, engine, images):
+    """Good PNG/base64 requests and every kind of bad image, shuffled and sent concurrently."""
+    bad_kinds = {
+        "not an image": (png_call(server, b"these bytes are not an image"), 400, "not a PNG or JPEG"),
+        "truncated PNG": (png_call(server, images[0][1][:120]), 400, "truncated"),
+        "truncated JPEG": (png_call(server, jpeg(random_image(3))[:300]), 400, "truncated"),
+        "bad base64": (
+            {"json": {"image": "%% not base64 %%"}, "headers": server.auth()},
+            400,
+            "not valid base64",
+        ),
+        "base64 of text": (json_call(server, b"plain text, not an image"), 400, "not a PNG or JPEG"),
+        "image not a string": (
+            {"json": {"image": 12}, "headers": server.auth()},
+            400,
+            "must be a base64 string",
+        ),
+        "decompression bomb (PNG header 100000 x 100000)": (
+            png_call(server, png_declaring(100_000, 100_000)),
+            413,
+            "max_image_pixels",
+        ),  # fmt: skip
+        "over max_image_pixels": (png_call(server, png(Image.new("L", (65, 64)))), 413, "max_image_pixels"),
+    }
+    rng = random.Random(1)
+    plan = [("good", index) for index in range(len(images)) for _ in range(5)]
+    plan += [("bad", kind) for kind in bad_kinds for _ in range(8)]
+    rng.shuffle(plan)
+    calls = [png_call(server, images[key][1]) if kind == "good" else bad_kinds[key][0] for kind, key in plan]
+    responses = post_all(predict_url(server), calls)
+    tally = Counter()
+    for (kind, key), response in zip(plan, responses):
+        tally[(kind, key if kind == "bad" else "PNG", response.status_code)] += 1
+        if kind == "good":
+            assert response.status_code == 200, response.text
+            assert response.json()["exit_layer"] == engine(images[key][0])["exit_layer"]
+        else:
+            _, status, fragment = bad_kinds[key]
+            assert response.status_code == status, (key, response.text)
+            assert fragment in response.json()["error"], key
+    print(f"\nimage fuzz: {len(calls)} requests at once")
+    for (kind, key, status), count in sorted(tally.items()):
+        print(f"  {kind:4} {key:50} -> {status} x{count}")
