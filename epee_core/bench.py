@@ -5,17 +5,21 @@ to one thread count for every policy. Besides each policy's speed and accuracy t
 batch size: throughput vs `full`, throughput vs `oracle` (the earliest correct exit: the best any policy could do
 with these exit heads), and the realised saving: the share of the theoretical time saving (layers skipped) that
 turns into wall-clock time saved.
+
+`runners` times several runners of `evaluation.RUNNERS` in the same run (e.g. `before,current`: the runner as it
+was before issue 9 against the one serving uses); ratios are then taken within each runner.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .data import Example
-from .evaluation import WARMUP_BATCHES, evaluate_policies
+from .evaluation import DEFAULT_RUNNER, WARMUP_BATCHES, check_runners, evaluate_policies
 from .model import EarlyExitModel
 from .policies import Policy
 
@@ -39,8 +43,8 @@ def realised_saving(measured_speedup: float, layer_speedup: float) -> float | No
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Add `throughput_vs_full`, `throughput_vs_oracle` and `realised_saving` to the rows of one batch size
-    (None where `full` or `oracle` was not run)."""
+    """Add `throughput_vs_full`, `throughput_vs_oracle` and `realised_saving` to the rows of one batch size and
+    one runner (None where `full` or `oracle` was not run)."""
     by_name = {row["policy"]: row for row in rows}
     full, oracle = by_name.get("full"), by_name.get("oracle")
     for row in rows:
@@ -59,17 +63,22 @@ def run_bench(
     policies: list[Policy],
     batch_sizes: list[int],
     num_threads: int | None = None,
+    runners: Sequence[str] = (DEFAULT_RUNNER,),
 ) -> dict:
-    """Every policy at every batch size on `examples`; torch runs on `num_threads` threads (default: as now)."""
+    """Every policy at every batch size on `examples`, under each of `runners` (side by side, taking turns);
+    torch runs on `num_threads` threads (default: as now)."""
     names = [policy.name for policy in policies]
     if len(set(names)) != len(names):
         raise ValueError(f"each policy may be benched once, got {', '.join(names)}")
+    check_runners(runners)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(num_threads or previous_threads)
     try:
         results = []
         for batch_size in batch_sizes:
-            results += add_ratios(evaluate_policies(model, examples, policies, batch_size))
+            rows = evaluate_policies(model, examples, policies, batch_size, runners)
+            for runner in runners:
+                results += add_ratios([row for row in rows if row["runner"] == runner])
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -81,6 +90,7 @@ def run_bench(
         "torch_version": torch.__version__,
         "policies": [policy.describe() for policy in policies],
         "batch_sizes": list(batch_sizes),
+        "runners": list(runners),
         "results": results,
     }
 
@@ -94,7 +104,9 @@ def _cell(value) -> str:
 def render_markdown(report: dict) -> str:
     """The report as markdown: one table per batch size."""
     metrics = [key for key in METRIC_KEYS if key in report["results"][0]]
+    several_runners = len(report.get("runners", [])) > 1
     columns = [
+        *([("runner", "runner")] if several_runners else []),
         ("policy", "policy"),
         *[(key, key) for key in metrics],
         ("avg_exit_layer", "avg exit"),
@@ -116,6 +128,15 @@ def render_markdown(report: dict) -> str:
         "`× full` and `× oracle`: samples/s relative to those policies. `realised saving`: measured time saving "
         "over the layer saving (1 − avg exit / layers); 1.0 = every skipped layer became saved time.",
     ]
+    if several_runners:
+        lines += [
+            "",
+            "Runners, timed side by side: "
+            + ", ".join(f"`{name}`" for name in report["runners"])
+            + " (`before`: "
+            "the runner before issue 9; `unbucketed`: the lean loop; `current`: lean loop + length bucketing, "
+            "what serving runs). Ratios are within each runner.",
+        ]
     for batch_size in report["batch_sizes"]:
         rows = [row for row in report["results"] if row["batch_size"] == batch_size]
         lines += ["", f"## batch size {batch_size}", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,8 +13,18 @@ from .data import Example, label_tensor
 from .metrics import task_metrics
 from .model import EarlyExitModel
 from .policies import Policy
-from .runner import run_early_exit
+from .runner import Runner, run_bucketed, run_early_exit
+from .runner_before import run_early_exit_before
 from .training import encode_examples
+
+# The runners a benchmark can time side by side. `current` is what serving runs (lean loop + length bucketing);
+# `unbucketed` the lean loop alone; `before` the runner as it was before issue 9.
+RUNNERS: dict[str, Runner] = {
+    "current": run_bucketed,
+    "unbucketed": run_early_exit,
+    "before": run_early_exit_before,
+}
+DEFAULT_RUNNER = "current"
 
 
 def prepare_batches(
@@ -65,49 +76,72 @@ def summarise(
     }
 
 
-def evaluate_policies(
-    model: EarlyExitModel, examples: list[Example], policies: list[Policy], batch_size: int = 8
-) -> list[dict]:
-    """Every policy on the same inputs in one run, so their speeds compare side by side.
+def check_runners(runners: Sequence[str]) -> None:
+    unknown = [name for name in runners if name not in RUNNERS]
+    if unknown or not runners or len(set(runners)) != len(runners):
+        raise ValueError(
+            f"runners must be distinct names from {', '.join(RUNNERS)}, got {', '.join(runners) or 'none'}"
+        )
 
-    Policies take turns batch by batch (each timed on its own, the first turn rotating), so a noisy neighbour
-    on the machine slows all of them alike; a few untimed warm-up batches per policy come first.
+
+def evaluate_policies(
+    model: EarlyExitModel,
+    examples: list[Example],
+    policies: list[Policy],
+    batch_size: int = 8,
+    runners: Sequence[str] = (DEFAULT_RUNNER,),
+) -> list[dict]:
+    """Every policy (under every runner of `RUNNERS` named) on the same inputs in one run, so their speeds
+    compare side by side; one result per runner × policy, each naming its `runner`.
+
+    Runner × policy pairs take turns batch by batch (each timed on its own, the first turn rotating), so a noisy
+    neighbour on the machine slows all of them alike; a few untimed warm-up batches per pair come first.
     `wall_seconds` is engine time (tokenization is done once, before timing); `batch_ms_p50` / `batch_ms_p95`
     are per-batch latencies.
     """
+    check_runners(runners)
     model.eval()
     batches = prepare_batches(model, examples, batch_size)
-    for policy in policies:
+    contestants = [(runner, policy) for runner in runners for policy in policies]
+    for runner, policy in contestants:
         for inputs, labels in batches[:WARMUP_BATCHES]:
-            run_early_exit(model, inputs, policy, labels)
-    batch_seconds: list[list[float]] = [[] for _ in policies]
-    predicted: list[list[torch.Tensor]] = [[] for _ in policies]
-    exit_layers: list[list[torch.Tensor]] = [[] for _ in policies]
+            RUNNERS[runner](model, inputs, policy, labels)
+    batch_seconds: list[list[float]] = [[] for _ in contestants]
+    predicted: list[list[torch.Tensor]] = [[] for _ in contestants]
+    exit_layers: list[list[torch.Tensor]] = [[] for _ in contestants]
     for number, (inputs, labels) in enumerate(tqdm(batches, desc="evaluate", unit="batch", leave=False)):
-        for turn in range(len(policies)):
+        for turn in range(len(contestants)):
             # Who goes first rotates, so no policy always runs right after another on warm caches.
-            index = (number + turn) % len(policies)
-            policy = policies[index]
+            index = (number + turn) % len(contestants)
+            runner, policy = contestants[index]
+            run = RUNNERS[runner]
             started = time.perf_counter()
-            result = run_early_exit(model, inputs, policy, labels)
+            result = run(model, inputs, policy, labels)
             batch_seconds[index].append(time.perf_counter() - started)
             predicted[index].append(result.predictions(model.multi_label))
             exit_layers[index].append(result.exit_layer)
     gold = torch.cat([labels for _, labels in batches])
     results = [
-        summarise(
-            model,
-            policy,
-            gold,
-            torch.cat(predicted[i]),
-            torch.cat(exit_layers[i]),
-            batch_seconds[i],
-            batch_size,
-        )
-        for i, policy in enumerate(policies)
+        {
+            **summarise(
+                model,
+                policy,
+                gold,
+                torch.cat(predicted[i]),
+                torch.cat(exit_layers[i]),
+                batch_seconds[i],
+                batch_size,
+            ),
+            "runner": runner,
+        }
+        for i, (runner, policy) in enumerate(contestants)
     ]
-    full = next((r for r in results if r["policy"] == "full"), None)
-    if full is not None:
-        for result in results:
-            result["speedup_vs_full"] = round(result["samples_per_second"] / full["samples_per_second"], 3)
+    for runner in runners:
+        same_runner = [result for result in results if result["runner"] == runner]
+        full = next((r for r in same_runner if r["policy"] == "full"), None)
+        if full is not None:
+            for result in same_runner:
+                result["speedup_vs_full"] = round(
+                    result["samples_per_second"] / full["samples_per_second"], 3
+                )
     return results
