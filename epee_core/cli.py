@@ -589,6 +589,12 @@ def add_bench(commands) -> None:
     parser.add_argument(
         "--output-dir", help="where bench-MODEL-DATA.json/.md go (default load_tests/reports/<date>)"
     )
+    parser.add_argument(
+        "--runners",
+        default="current",
+        help="comma-separated runners timed side by side: current (what serving runs: lean loop + length "
+        "bucketing), unbucketed, before (the runner before issue 9); default current",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_bench)
 
@@ -609,6 +615,7 @@ def run_bench(args) -> None:
 
     from . import bench
     from .data import read_task_examples
+    from .evaluation import check_runners
     from .loadtest import default_report_dir
     from .model import EarlyExitModel
 
@@ -621,7 +628,12 @@ def run_bench(args) -> None:
     model = EarlyExitModel.from_pretrained(args.model)
     examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
     threads = args.threads or (serve.num_threads if serve else None)
-    report = bench.run_bench(model, examples, policies, batch_sizes, threads)
+    runners = [name.strip() for name in args.runners.split(",") if name.strip()]
+    try:
+        check_runners(runners)
+    except ValueError as error:
+        raise CommandError(f"--runners: {error}") from None
+    report = bench.run_bench(model, examples, policies, batch_sizes, threads, runners)
     report = {"model": args.model, "data": args.data, "config": args.config, **report}
     stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
