@@ -704,6 +704,25 @@ def add_loadtest(commands) -> None:
     load_options(compare)
     check = action("check", "check a finished Locust run (--csv PREFIX) against the SLO (exit 2 if violated)")
     check.add_argument("--csv", required=True, help="the PREFIX Locust was given with --csv")
+    soak_help = (
+        "package MODEL, start TorchServe, send a steady rate of real (and some bad) requests for --duration "
+        "seconds, count sent/answered/lost and worker RSS, stop the server; write soak.md/.json (exit 2 if a "
+        "request was lost, a good one not answered 200, a bad one not 4xx, or RSS grew past the bound)"
+    )
+    soak = actions.add_parser("soak", help=soak_help, description=soak_help)
+    soak.add_argument("--model", required=True, help="model directory (a text task)")
+    soak.add_argument("--config", required=True, help="model YAML")
+    soak.add_argument("--ts-config", default="config.properties", help="default ./config.properties")
+    soak.add_argument("--name", help="model name (default MODEL-soak)")
+    soak.add_argument("--duration", type=float, default=600, help="seconds of steady load (default 600)")
+    soak.add_argument("--rate", type=float, default=4.0, help="requests per second (default 4)")
+    soak.add_argument("--warmup", type=float, default=10, help="seconds before counting (default 10)")
+    soak.add_argument("--bad-fraction", type=float, default=0.1, help="share of bad requests (default 0.1)")
+    soak.add_argument("--max-rss-growth-mb", type=float, default=64, help="worker RSS bound (default 64 MB)")
+    soak.add_argument("--data", help="JSONL of the model's task (default: the embedded ADE dev sentences)")
+    soak.add_argument("--output-dir", help="reports folder (default load_tests/reports/<date>)")
+    soak.add_argument("--json", action="store_true", help="print one JSON object")
+    soak.set_defaults(run=run_soak_command, action="soak")
 
 
 def run_loadtest(args) -> None:
@@ -777,6 +796,36 @@ def loadtest_compare(args, slo: str | None) -> dict:
         return run_comparison(job)
     except PackageError as error:
         raise CommandError(str(error)) from None
+
+
+def run_soak_command(args) -> None:
+    from pathlib import Path
+
+    from .deploy import ServerError
+    from .loadtest import LoadTestError
+    from .packaging import PackageError
+    from .soak import SoakJob, render_soak, run_soak
+
+    job = SoakJob(
+        model_dir=Path(args.model),
+        config=Path(args.config),
+        ts_config=Path(args.ts_config),
+        name=args.name,
+        duration=args.duration,
+        rate=args.rate,
+        warmup=args.warmup,
+        bad_fraction=args.bad_fraction,
+        max_rss_growth_mb=args.max_rss_growth_mb,
+        data=Path(args.data) if args.data else None,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+    )
+    try:
+        report = run_soak(job)
+    except (ServerError, LoadTestError, PackageError) as error:
+        raise CommandError(str(error)) from None
+    emit(report, args.json, lambda r: render_soak(r) + "\nwrote " + ", ".join(r["files"].values()))
+    if not report["passed"]:
+        raise CommandError("soak failed: " + "; ".join(check for check, ok in report["checks"].items() if not ok))
 
 
 def render_compare(report: dict) -> str:
