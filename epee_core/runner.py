@@ -5,16 +5,18 @@ from the batch: hidden states, padding mask and policy state are compacted with 
 padding that no remaining row needs is cut off. Invariant (tested): every row gets the prediction and exit layer
 it would get alone, and `full` equals the plain Hugging Face model.
 
-`run_bucketed` is the entry point for a serving batch: it first groups rows of similar token length into
-sub-batches (length bucketing), so short requests do not pay for the padding of a long one.
+`run_bucketed` is the entry point for a serving batch: rows run in sub-batches of similar token length (length
+bucketing), so short requests do not pay for a long one's padding; the sub-batches advance layer by layer
+together and are re-partitioned whenever rows leave, so the few rows that remain merge again.
 
-What issue 9's profile of this loop found (MiniLM, ADE dev, 1 thread; docs/performance.md): the layers are ~97 %
-of the time. Of the rest, the pre-issue-9 loop spent per batch of 8 about 2 ms in exit heads, 1.3 ms pooling,
-1-2 ms in the policy and 1.6 ms in compaction bookkeeping. The loop below skips the heads and the policy at
-layers whose exit the policy cannot take (all but the last for `full`), keeps the per-row bookkeeping in Python
-lists (one host read of the exit mask per layer, lengths read once) and writes the outputs once at the end.
-Padding was 43 % of the tokens of a batch of 8 (54 % at 32): length bucketing removes most of it.
-`torch.compile` of the layer block did not pay on CPU (see docs/performance.md) and is not used.
+What issue 9's profile found (MiniLM on ADE dev, 1 thread; numbers in docs/performance.md): the layers' matrix
+products are ~97 % of the time, and 43 % of the tokens of a batch of 8 (54 % at 32) were padding. Heads, pooling,
+policy and compaction cost ~0.1 ms each per layer, small against one layer (2-30 ms). A layer call also has a
+fixed cost of ~1.5 ms (its weights are read again, ~30 tokens' worth of work), which is what a sub-batch costs
+(`BUCKET_OVERHEAD_TOKENS`). The loop also skips the heads and the policy at layers whose exit the policy cannot
+take (all but the last for `full`), keeps per-row bookkeeping in Python lists (one host read of the exit mask per
+sub-batch and layer, lengths read once) and writes the outputs once. `torch.compile` of the layer block did not
+pay on CPU (docs/performance.md) and is not used.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 import torch
 
 from .model import EarlyExitModel
-from .policies import Policy, init_state, policy_step, predictions
+from .policies import Policy, PolicyState, init_state, policy_step, predictions
 
-# The fixed cost of one more sub-batch, in padded tokens of layer work: a sub-batch pays the per-layer Python
-# and exit-head overhead again (~1 ms per layer, about 15-50 tokens' worth of layer time for the backbones here).
+# The fixed cost of one more sub-batch, in padded tokens of layer work: each layer call reads the layer's weights
+# again and pays the per-call overhead (~1.5 ms for MiniLM, ~30 tokens of work); 16-64 measured alike on ADE.
 BUCKET_OVERHEAD_TOKENS = 32
 # Policies whose decision at a layer reads only that layer's exit (no state from earlier layers).
 STATELESS_POLICIES = ("max_prob", "entropy", "oracle")
@@ -73,16 +75,93 @@ def _check_right_padding(mask: torch.Tensor) -> None:
         raise ValueError("the runner needs right padding (tokenizer.padding_side = 'right')")
 
 
+@dataclass
+class _Group:
+    """Rows that run through the layers together: one padded sub-batch and everything that follows its rows."""
+
+    rows: list[int]  # input row of each sub-batch row
+    hidden: torch.Tensor  # [b, T, H], T = the longest row of the group
+    mask: torch.Tensor  # [b, T]
+    state: PolicyState
+    labels: torch.Tensor | None
+    bias: torch.Tensor | None = None
+
+
+def _take(group: _Group, positions: list[int], length: int) -> _Group:
+    """The given sub-batch rows of `group`, cut (or zero-padded) to `length` tokens. Padding positions are
+    masked for every real token, so their values never count."""
+    index = torch.tensor(positions, device=group.hidden.device)
+    hidden, mask = group.hidden[:, :length], group.mask[:, :length]
+    if length > hidden.shape[1]:
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+        mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
+    labels = group.labels.index_select(0, index) if group.labels is not None else None
+    return _Group(
+        [group.rows[position] for position in positions],
+        hidden.index_select(0, index),
+        mask.index_select(0, index),
+        group.state.select(index),
+        labels,
+    )
+
+
+def _concat(parts: list[_Group]) -> _Group:
+    if len(parts) == 1:
+        return parts[0]
+    labels = None if parts[0].labels is None else torch.cat([part.labels for part in parts])
+    return _Group(
+        [row for part in parts for row in part.rows],
+        torch.cat([part.hidden for part in parts]),
+        torch.cat([part.mask for part in parts]),
+        PolicyState(*(torch.cat(tensors) for tensors in zip(*(part.state for part in parts)))),
+        labels,
+    )
+
+
+def _regroup(groups: list[_Group], lengths: list[int], overhead_tokens: int) -> list[_Group]:
+    """Re-partition the active rows with `length_buckets` (rows have left, so sub-batches may merge or split);
+    groups whose rows stay together are kept as they are."""
+    where = {
+        row: (number, position)
+        for number, group in enumerate(groups)
+        for position, row in enumerate(group.rows)
+    }
+    active = [row for group in groups for row in group.rows]
+    buckets = [
+        [active[i] for i in bucket]
+        for bucket in length_buckets([lengths[row] for row in active], overhead_tokens)
+    ]
+    current = {frozenset(group.rows) for group in groups}
+    if {frozenset(bucket) for bucket in buckets} == current:
+        return groups
+    regrouped = []
+    for bucket in buckets:
+        longest = max(lengths[row] for row in bucket)
+        parts = []
+        for number, group in enumerate(groups):
+            positions = [where[row][1] for row in bucket if where[row][0] == number]
+            if len(positions) == len(group.rows) and group.hidden.shape[1] == longest:
+                parts.append(group)
+            elif positions:
+                parts.append(_take(group, positions, longest))
+        regrouped.append(_concat(parts))
+    return regrouped
+
+
 @torch.inference_mode()
 def run_early_exit(
     model: EarlyExitModel,
     inputs: dict[str, torch.Tensor],
     policy: Policy,
     labels: torch.Tensor | None = None,
+    overhead_tokens: int | None = None,
 ) -> ExitResult:
     """Run a right-padded batch through `model`, each row leaving at the layer `policy` picks.
 
     `labels` is only needed by the `oracle` policy. Call `model.eval()` first: dropout would make exits random.
+    With `overhead_tokens` set, rows run in sub-batches of similar length (`length_buckets`), re-partitioned
+    each time rows leave, so short rows do not pay for a long row's padding and the sub-batches that remain
+    merge as they empty; `None` runs the batch as one (`run_bucketed` is the bucketed entry point).
     """
     num_layers = model.num_layers
     policy.check_layers(num_layers)
@@ -90,57 +169,65 @@ def run_early_exit(
 
     hidden, mask = backbone.embed(inputs)
     _check_right_padding(mask)
-    row_lengths = mask.sum(1).tolist()  # read once; trimming after each compaction needs no tensor reduction
-    longest = max(row_lengths, default=0)
-    if longest < mask.shape[1]:
-        hidden, mask = hidden[:, :longest], mask[:, :longest]
+    lengths = mask.sum(1).tolist()  # read once; trimming after each compaction needs no tensor reduction
     batch_size, num_outputs = hidden.shape[0], len(model.spec.labels)
     first_read = first_exit_read(policy, num_layers)
-
-    state = init_state(batch_size, num_outputs, hidden.device)
-    active_rows = list(range(batch_size))
-    active_labels = labels
+    whole = _Group(
+        list(range(batch_size)), hidden, mask, init_state(batch_size, num_outputs, hidden.device), labels
+    )
+    longest = max(lengths, default=0)
+    if overhead_tokens is not None and batch_size > 1:
+        groups = _regroup([whole], lengths, overhead_tokens)
+    else:
+        groups = [whole]
+    if groups[0] is whole and longest < mask.shape[1]:
+        groups = [_Group(whole.rows, hidden[:, :longest], mask[:, :longest], whole.state, labels)]
+    for group in groups:
+        group.bias = backbone.attention_bias(group.mask, group.hidden.dtype)
     finished: list[tuple[list[int], int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     rows_per_layer: list[int] = []
-
-    bias = backbone.attention_bias(mask, hidden.dtype)
     for index in range(num_layers):
         layer = index + 1
-        rows_per_layer.append(len(active_rows))
-        hidden = backbone.layer(index, hidden, bias)
+        rows_per_layer.append(sum(len(group.rows) for group in groups))
+        for group in groups:
+            group.hidden = backbone.layer(index, group.hidden, group.bias)
         if layer < first_read:
             continue
-        logits = exits(index, hidden, mask)
-        step = policy_step(policy, logits, state, layer, num_layers, multi_label, active_labels)
-        state = step.state
-        leaving = step.exit_mask.tolist()  # the one host read of this layer
-        if not any(leaving):
-            continue
-        if all(leaving):
-            finished.append((active_rows, layer, logits, step.probs, step.entropy))
-            break
-
-        leave = [position for position, gone in enumerate(leaving) if gone]
-        keep = [position for position, gone in enumerate(leaving) if not gone]
-        leave_index = torch.tensor(leave, device=hidden.device)
-        finished.append(
-            (
-                [active_rows[position] for position in leave],
-                layer,
-                logits.index_select(0, leave_index),
-                step.probs.index_select(0, leave_index),
-                step.entropy.index_select(0, leave_index),
+        remaining, changed = [], False
+        for group in groups:
+            logits = exits(index, group.hidden, group.mask)
+            step = policy_step(policy, logits, group.state, layer, num_layers, multi_label, group.labels)
+            group.state = step.state
+            leaving = step.exit_mask.tolist()  # the one host read of this group and layer
+            if not any(leaving):
+                remaining.append(group)
+                continue
+            changed = True
+            if all(leaving):
+                finished.append((group.rows, layer, logits, step.probs, step.entropy))
+                continue
+            leave = [position for position, gone in enumerate(leaving) if gone]
+            leave_index = torch.tensor(leave, device=logits.device)
+            finished.append(
+                (
+                    [group.rows[position] for position in leave],
+                    layer,
+                    logits.index_select(0, leave_index),
+                    step.probs.index_select(0, leave_index),
+                    step.entropy.index_select(0, leave_index),
+                )
             )
-        )
-        active_rows = [active_rows[position] for position in keep]
-        keep_index = torch.tensor(keep, device=hidden.device)
-        longest = max(row_lengths[row] for row in active_rows)
-        hidden = hidden[:, :longest].index_select(0, keep_index)  # trim first: copy only what stays
-        mask = mask[:, :longest].index_select(0, keep_index)
-        state = state.select(keep_index)
-        if active_labels is not None:
-            active_labels = active_labels.index_select(0, keep_index)
-        bias = backbone.attention_bias(mask, hidden.dtype)
+            keep = [position for position, gone in enumerate(leaving) if not gone]
+            # trim the padding no remaining row needs, then copy only what stays
+            remaining.append(_take(group, keep, max(lengths[group.rows[position]] for position in keep)))
+        groups = remaining
+        if not groups:
+            break
+        if changed and overhead_tokens is not None:
+            groups = _regroup(groups, lengths, overhead_tokens)
+        for group in groups:
+            if group.bias is None:  # a new or compacted sub-batch
+                group.bias = backbone.attention_bias(group.mask, group.hidden.dtype)
 
     return _gather(finished, batch_size, num_outputs, rows_per_layer, hidden.device)
 
@@ -153,7 +240,7 @@ def _gather(
     device: torch.device,
 ) -> ExitResult:
     """One write per output: the rows that left at each layer, put back in input order."""
-    if len(finished) == 1:  # every row left at the same layer (always so for `full`): already in input order
+    if len(finished) == 1 and finished[0][0] == list(range(batch_size)):  # one exit layer, rows in order
         rows, layer, logits, probs, entropy = finished[0]
         exit_layer = torch.full((batch_size,), layer, dtype=torch.long, device=device)
         return ExitResult(logits.float(), probs, exit_layer, entropy, rows_per_layer)
@@ -201,12 +288,6 @@ def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TO
     return buckets[::-1]
 
 
-def _select_rows(inputs: dict[str, torch.Tensor], rows: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-    """The given rows of every [B, T, …] input, cut to `length` tokens."""
-    return {key: value[:, :length].index_select(0, rows) for key, value in inputs.items()}
-
-
-@torch.inference_mode()
 def run_bucketed(
     model: EarlyExitModel,
     inputs: dict[str, torch.Tensor],
@@ -214,45 +295,7 @@ def run_bucketed(
     labels: torch.Tensor | None = None,
     overhead_tokens: int = BUCKET_OVERHEAD_TOKENS,
 ) -> ExitResult:
-    """`run_early_exit` on sub-batches of similar length (`length_buckets`), results back in input order.
-
-    For a serving batch of texts of mixed lengths this removes most of the padding every layer would otherwise
-    process. Inputs without a padding mask (images) run as one batch. Each row's result is the one it gets alone,
-    as for `run_early_exit`.
-    """
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.shape[0] < 2 or any(value.dim() < 2 for value in inputs.values()):
-        return run_early_exit(model, inputs, policy, labels)
-    _check_right_padding(mask)
-    lengths = mask.sum(1).tolist()
-    buckets = length_buckets(lengths, overhead_tokens)
-    if len(buckets) == 1:
-        return run_early_exit(model, inputs, policy, labels)
-
-    batch_size = mask.shape[0]
-    parts, order = [], []
-    for rows in buckets:
-        index = torch.tensor(rows, device=mask.device)
-        sub_labels = labels.index_select(0, index) if labels is not None else None
-        longest = max(lengths[row] for row in rows)
-        parts.append(run_early_exit(model, _select_rows(inputs, index, longest), policy, sub_labels))
-        order += rows
-    order_index = torch.tensor(order, device=mask.device)
-
-    def place(values: list[torch.Tensor]) -> torch.Tensor:
-        joined = torch.cat(values)
-        return torch.empty(
-            (batch_size, *joined.shape[1:]), dtype=joined.dtype, device=joined.device
-        ).index_copy_(0, order_index, joined)
-
-    depth = max(len(part.rows_per_layer) for part in parts)
-    rows_per_layer = [
-        sum(part.rows_per_layer[i] for part in parts if i < len(part.rows_per_layer)) for i in range(depth)
-    ]
-    return ExitResult(
-        place([part.logits for part in parts]),
-        place([part.probs for part in parts]),
-        place([part.exit_layer for part in parts]),
-        place([part.entropy for part in parts]),
-        rows_per_layer,
-    )
+    """The serving entry point: `run_early_exit` with length bucketing (sub-batches of similar token length,
+    re-partitioned as rows leave). Each row's result is still the one it gets alone; images, which have no
+    padding, run as one batch."""
+    return run_early_exit(model, inputs, policy, labels, overhead_tokens)

@@ -238,10 +238,35 @@ def test_bucketed_sub_batches_carry_only_their_own_padding(tokenizer):
     assert len(buckets) > 1
     calls = count_rows_and_lengths(model)
     result = run_bucketed(model, batch, make_policy("full"), overhead_tokens=4)
-    first_layer = calls[:: model.num_layers]  # `full`: each sub-batch runs every layer in turn
     expected = [(len(rows), max(lengths[row] for row in rows)) for rows in buckets]
-    assert first_layer == expected
+    assert (
+        calls[: len(buckets)] == expected
+    )  # layer 1 runs once per sub-batch, each as long as its longest row
+    assert len(calls) == len(buckets) * model.num_layers
     assert result.rows_per_layer == [6] * model.num_layers
+
+
+def batch_with_lengths(lengths: list[int], vocab_size: int) -> dict[str, torch.Tensor]:
+    """A right-padded batch whose rows have exactly these token counts."""
+    batch = random_batch(len(lengths), vocab_size, max_len=max(lengths), seed=9)
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {**batch, "input_ids": batch["input_ids"] * mask, "attention_mask": mask}
+
+
+def test_sub_batches_merge_when_rows_leave(tokenizer):
+    model = build_tiny_model(tokenizer)
+    batch = batch_with_lengths([18, 20, 28, 30], len(tokenizer))
+    layer1 = model.forward_all_exits(batch)[0].argmax(-1)
+    labels = torch.stack([layer1[0], (layer1[1] + 1) % 3, layer1[2], (layer1[3] + 1) % 3])
+    calls = count_rows_and_lengths(model)
+    result = run_bucketed(model, batch, make_policy("oracle"), labels, overhead_tokens=16)
+    assert result.exit_layer[[0, 2]].tolist() == [1, 1]
+    # layer 1: {18, 20} and {28, 30}; rows 0 and 2 leave; one sub-batch {20, 30} is cheaper than two
+    assert calls[:3] == [(2, 20), (2, 30), (2, 30)]
+    for row in range(4):
+        alone = run_early_exit(model, single_row(batch, row), make_policy("oracle"), labels[row : row + 1])
+        assert result.exit_layer[row] == alone.exit_layer[0]
+        torch.testing.assert_close(result.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
 
 
 def test_bucketed_run_refuses_left_padding(tokenizer):
