@@ -1,0 +1,73 @@
+"""The performance report script: before/after runners side by side per model, calibrated EPEE, resumable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DEMO_DATA, build_tiny_model
+
+from epee_core import performance
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory, tokenizer):
+    """models/ade-tiny (labels a, b, c) and data/ade/dev.jsonl: 30 real ADE sentences labelled round-robin."""
+    work = tmp_path_factory.mktemp("performance")
+    build_tiny_model(tokenizer).save_pretrained(work / "models" / "ade-tiny")
+    sentences = [json.loads(line)["text"] for line in (DEMO_DATA / "ade_demo_dev.jsonl").open()][:30]
+    (work / "data" / "ade").mkdir(parents=True)
+    (work / "data" / "ade" / "dev.jsonl").write_text(
+        "".join(json.dumps({"text": text, "label": "abc"[i % 3]}) + "\n" for i, text in enumerate(sentences))
+    )
+    return work
+
+
+def run_report(work, *extra: str) -> dict:
+    argv = ["--data", str(work / "data"), "--models", str(work / "models"), "--only", "ade-tiny"]
+    argv += [
+        "--max-samples",
+        "12",
+        "--batch-sizes",
+        "1,4",
+        "--output",
+        str(work / "docs" / "perf.md"),
+        *extra,
+    ]
+    assert performance.main(argv) == 0
+    return json.loads((work / "docs" / "perf.json").read_text())
+
+
+def test_report_times_both_runners_for_full_epee_and_oracle(report_inputs):
+    report = run_report(report_inputs)
+    (model,) = report["models"]
+    assert model["runners"] == ["before", "current"] and model["num_samples"] == 12
+    assert {(row["runner"], row["batch_size"], row["policy"]) for row in model["results"]} == {
+        (runner, batch, policy)
+        for runner in ("before", "current")
+        for batch in (1, 4)
+        for policy in ("full", model["epee_policy"], "oracle")
+    }
+    assert model["calibration"]["includes_timed_rows"]  # 30 dev rows: too few to keep the timed ones out
+    markdown = (report_inputs / "docs" / "perf.md").read_text()
+    assert "## Batch 4 at a glance" in markdown and "## ade-tiny (12 of 30 dev rows" in markdown
+    assert report["command"].startswith("python -m epee_core.performance") and report["machine"]["cores"]
+
+
+def test_report_reads_a_model_measured_with_the_same_settings_back(report_inputs):
+    first = run_report(report_inputs)
+    again = run_report(report_inputs)
+    assert again["models"][0]["results"] == first["models"][0]["results"]
+    rerun = run_report(report_inputs, "--batch-sizes", "4")
+    assert {row["batch_size"] for row in rerun["models"][0]["results"]} == {4}
+
+
+def test_timed_sample_is_the_results_reports_sample(tmp_path):
+    rows = [{"text": f"sentence {i}", "label": i % 2} for i in range(300)]
+    (tmp_path / "ade").mkdir()
+    (tmp_path / "ade" / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    timed, calibration, split_size, overlaps = performance.split_dev("ade-minilm", tmp_path, 50)
+    expected, _ = performance.dev_rows(performance.DATASETS["ade"], tmp_path, 50)
+    assert [example.text for example in timed] == [example.text for example in expected]
+    assert split_size == 300 and not overlaps and len(calibration) == 250
+    assert not {example.text for example in timed} & {example.text for example in calibration}
