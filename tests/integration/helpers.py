@@ -21,6 +21,17 @@ from epee_core.runner import run_early_exit
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIG = ROOT / "config.properties"
 SITE_PACKAGES = Path(requests.__file__).resolve().parents[1]
+# ADE-style sentences of different lengths: the text requests of the integration tests
+SENTENCES = [
+    "Pericardial hemorrhage due to acetylsalicylic acid.",
+    "Thrombocytosis under ciprofloxacin.",
+    "Hypercoagulability studies were negative.",
+    "Report of two cases.",
+    "A 77 year old male was referred with abdominal pain, jaundice and elevated transaminase levels.",
+    "Transaminases promptly returned to normal after withdrawal of the laxative.",
+    "Severe rash after amoxicillin.",
+    "The patient recovered.",
+]
 
 
 def write_model_yaml(path: Path, batch_size: int, max_batch_delay: int, **epee) -> Path:

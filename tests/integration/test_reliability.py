@@ -26,23 +26,13 @@ from epee_core.deploy import ManagementClient
 from epee_core.model import EarlyExitModel
 from epee_core.torchserve import TorchServe
 
-from .helpers import derive_config, engine_answer, package, write_model_yaml
+from .helpers import SENTENCES, derive_config, engine_answer, package, write_model_yaml
 
 pytestmark = pytest.mark.integration
 
 MODEL, DEBUG_MODEL, ROLLOUT_MODEL = "fuzz", "debug-log", "roll"
 MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
 RESPONSE_TIMEOUT = 20  # seconds: the model YAML's responseTimeout; no client ever waits longer than this + 10
-SENTENCES = [
-    "Pericardial hemorrhage due to acetylsalicylic acid.",
-    "Thrombocytosis under ciprofloxacin.",
-    "Hypercoagulability studies were negative.",
-    "Report of two cases.",
-    "A 77 year old male was referred with abdominal pain, jaundice and elevated transaminase levels.",
-    "Transaminases promptly returned to normal after withdrawal of the laxative.",
-    "Severe rash after amoxicillin.",
-    "The patient recovered.",
-]
 
 
 def serve_yaml(path: Path, policy: str = "epee", **extra) -> Path:

@@ -22,6 +22,7 @@ from epee_core.model import EarlyExitModel
 from epee_core.torchserve import TorchServe
 
 from .helpers import (
+    SENTENCES,
     clean_python,
     derive_config,
     engine_answer,
@@ -35,16 +36,6 @@ from .helpers import (
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-text"
-SENTENCES = [
-    "Pericardial hemorrhage due to acetylsalicylic acid.",
-    "Thrombocytosis under ciprofloxacin.",
-    "Hypercoagulability studies were negative.",
-    "Report of two cases.",
-    "A 77 year old male was referred with abdominal pain, jaundice and elevated transaminase levels.",
-    "Transaminases promptly returned to normal after withdrawal of the laxative.",
-    "Severe rash after amoxicillin.",
-    "The patient recovered.",
-]
 RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
 MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
 
