@@ -3,6 +3,7 @@ training, and the flags that set them. Tiny random BERT (3 layers, hidden 32) on
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -299,3 +300,22 @@ def test_bad_train_flags_are_one_line_errors(capsys, flags, message):
     assert main(REQUIRED + flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("epee: error: ") and message in err and "\n" not in err
+
+
+def test_multi_label_trains_with_distillation_and_scores_example_f1(tiny_backbone_dir, tmp_path):
+    rows = [
+        {"text": "drug A activates receptor B", "labels": ["ACTIVATOR"]},
+        {"text": "drug C blocks channel D", "labels": ["ANTAGONIST", "DOWNREGULATOR"]},
+        {"text": "nothing here", "labels": []},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
+    config = tiny_config(
+        tiny_backbone_dir, tmp_path / "model", epochs=2, distill_weight=0.5, early_stopping=1
+    )
+    config.task, config.train_path, config.dev_path = "multi-label", str(data), str(data)
+    summary = train(config)
+    assert summary["selection_metric"] == "example_f1"
+    for entry in summary["history"]:
+        mean = sum(entry["dev_example_f1_per_exit"]) / NUM_LAYERS
+        assert entry["dev_score"] == pytest.approx(mean, abs=1e-3)
