@@ -23,15 +23,20 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from . import runner as runner_module
+from . import runner_before as runner_before_module
 from .bench import run_bench
 from .calibration import CalibrationOptions, build_cache, calibrate, search_space
 from .config import ServeConfig
 from .data import read_task_examples
-from .evaluation import RUNNERS, check_runners, prepare_batches
+from .evaluation import RUNNERS, WARMUP_BATCHES, check_runners, prepare_batches
 from .model import EarlyExitModel
 from .policies import Policy, make_policy
 from .results import DATASETS, EVAL_SEED, dev_rows, log
@@ -39,6 +44,7 @@ from .runner import run_early_exit
 
 RESULT_FILE = "performance.json"
 COMPILE_FILE = "compile_check.json"
+PROFILE_FILE = "profile.json"
 DEFAULT_RUNS = [
     f"{dataset}-{backbone}"
     for backbone in ("minilm", "albert-small", "gpt2-small")
@@ -196,6 +202,125 @@ def compile_check(run: str, args: argparse.Namespace, batch_size: int = 8, max_r
     }
 
 
+# --- where the time goes --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def timed_parts(model: EarlyExitModel, seconds: dict[str, float], tokens: list[int]) -> Iterator[None]:
+    """Time the runner's parts while inside: embeddings, layer calls (and the tokens they process), exit heads
+    with pooling, and the policy; whatever else a runner spends is bookkeeping. Wraps the model's own methods
+    and the runners' `policy_step`, and puts them back on exit."""
+
+    def timed(key: str, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            output = function(*args, **kwargs)
+            seconds[key] += time.perf_counter() - started
+            return output
+
+        return wrapper
+
+    backbone, exits = model.backbone, model.exits
+    layer = backbone.layer
+
+    def counted_layer(index, hidden, bias):
+        tokens[0] += hidden.shape[0] * hidden.shape[1]
+        return layer(index, hidden, bias)
+
+    backbone.embed = timed("embed", backbone.embed)
+    backbone.layer = timed("layers", counted_layer)
+    exits.forward = timed("exit heads + pooling", exits.forward)
+    modules = [runner_module, runner_before_module]
+    originals = [module.policy_step for module in modules]
+    for module, original in zip(modules, originals):
+        module.policy_step = timed("policy", original)
+    try:
+        yield
+    finally:
+        for name in ("embed", "layer"):
+            del backbone.__dict__[name]
+        del exits.__dict__["forward"]
+        for module, original in zip(modules, originals):
+            module.policy_step = original
+
+
+PROFILE_PARTS = ("layers", "exit heads + pooling", "policy", "embed")
+
+
+def profile_run(run: str, args: argparse.Namespace, policy: Policy, max_rows: int = 320) -> dict:
+    """Milliseconds per batch in each part of each runner at batch 8 and 32 (`full` and `policy`), runners
+    taking turns batch by batch; also the layer-tokens each runner processes and the padding share of a batch."""
+    model = EarlyExitModel.from_pretrained(Path(args.models) / run).eval()
+    examples, _ = dev_rows(dataset_of(run), Path(args.data), max_rows)
+    runners = ["before", "unbucketed", "current"]
+    rows, padding = [], {}
+    seconds: dict[str, float] = defaultdict(float)
+    tokens = [0]
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with timed_parts(model, seconds, tokens):
+            for batch_size in (8, 32):
+                batches = prepare_batches(model, examples, batch_size)
+                masks = [inputs["attention_mask"] for inputs, _ in batches]
+                padding[batch_size] = round(
+                    1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks), 3
+                )
+                for current_policy in (make_policy("full"), policy):
+                    totals = {name: defaultdict(float) for name in runners}
+                    for inputs, labels in batches[:WARMUP_BATCHES]:
+                        for name in runners:
+                            RUNNERS[name](model, inputs, current_policy, labels)
+                    for number, (inputs, labels) in enumerate(batches):
+                        for turn in range(len(runners)):
+                            name = runners[(number + turn) % len(runners)]
+                            seconds.clear()
+                            tokens[0] = 0
+                            started = time.perf_counter()
+                            RUNNERS[name](model, inputs, current_policy, labels)
+                            totals[name]["total"] += time.perf_counter() - started
+                            totals[name]["tokens"] += tokens[0]
+                            for key, value in seconds.items():
+                                totals[name][key] += value
+                    for name in runners:
+                        total = totals[name]
+                        per_batch = {
+                            key: total[key] * 1000 / len(batches) for key in ("total", *PROFILE_PARTS)
+                        }
+                        rows.append(
+                            {
+                                "batch_size": batch_size,
+                                "policy": current_policy.describe(),
+                                "runner": name,
+                                "ms_per_batch": round(per_batch["total"], 2),
+                                **{f"{key}_ms": round(per_batch[key], 2) for key in PROFILE_PARTS},
+                                "bookkeeping_ms": round(
+                                    per_batch["total"] - sum(per_batch[key] for key in PROFILE_PARTS), 2
+                                ),
+                                "layer_tokens_per_batch": round(total["tokens"] / len(batches)),
+                            }
+                        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"run": run, "num_samples": len(examples), "padding_share": padding, "rows": rows}
+
+
+def profile_table(profile: dict) -> list[str]:
+    parts = [f"{key} ms" for key in PROFILE_PARTS]
+    lines = [
+        "| batch | policy | runner | ms/batch | "
+        + " | ".join(parts)
+        + " | bookkeeping ms | layer-tokens/batch |",
+        "|---|---|---|---|" + "---|" * len(parts) + "---|---|",
+    ]
+    for row in profile["rows"]:
+        cells = [str(row["batch_size"]), f"`{row['policy']}`", row["runner"], f"{row['ms_per_batch']:.1f}"]
+        cells += [f"{row[f'{key}_ms']:.2f}" for key in PROFILE_PARTS]
+        cells += [f"{row['bookkeeping_ms']:.2f}", str(row["layer_tokens_per_batch"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 # --- rendering -------------------------------------------------------------------------------------------------
 
 
@@ -324,6 +449,22 @@ def render_markdown(report: dict) -> str:
                 "runner does not compile."
             ),
         ]
+    if report.get("profile"):
+        profile = report["profile"]
+        padding = ", ".join(
+            f"{share:.0%} at batch {size}" for size, share in profile["padding_share"].items()
+        )
+        lines += [
+            "",
+            "## Where the time goes",
+            "",
+            f"{profile['run']}, {profile['num_samples']} dev rows, milliseconds per batch in each part of each runner "
+            "(runners taking turns batch by batch; parts timed by wrapping the model's methods and the runners' "
+            "`policy_step`; bookkeeping = the rest: compaction, bucketing, host reads, output writes). "
+            f"`unbucketed` is the lean loop without length bucketing. Padding share of a batch's tokens: {padding}.",
+            "",
+            *profile_table(profile),
+        ]
     for result in results:
         lines += [
             "",
@@ -448,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN",
         help="also time torch.compile'd layer blocks against eager on this (BERT-family) run, e.g. ade-minilm",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="RUN",
+        help="also time each part of each runner (layers, heads, policy, bookkeeping) on this run, e.g. ade-minilm",
+    )
     parser.add_argument("--rerun", action="store_true", help="measure again even if performance.json matches")
     return parser
 
@@ -482,18 +628,40 @@ def main(argv: list[str] | None = None) -> int:
             log(f"torch.compile check on {args.compile_check}")
             check = {**compile_check(args.compile_check, args), "threads": args.threads}
             check_path.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
+    profile = None
+    if args.profile:
+        profile_path = Path(args.models) / args.profile / PROFILE_FILE
+        if profile_path.is_file() and not args.rerun:
+            profile = json.loads(profile_path.read_text(encoding="utf-8"))
+        if profile is None or profile.get("threads") != args.threads:
+            log(f"profiling the runners on {args.profile}")
+            measured = next((result for result in results if result["run"] == args.profile), None)
+            policy = make_policy("epee")
+            if measured is not None:
+                policy = make_policy(
+                    measured["epee_policy"],
+                    next(r for r in measured["results"] if r["policy"] == measured["epee_policy"])["params"],
+                )
+            started_profile = time.perf_counter()
+            profile = {**profile_run(args.profile, args, policy), "threads": args.threads}
+            profile["seconds"] = round(time.perf_counter() - started_profile, 1)
+            profile_path.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
     report = {
         "command": shlex.join(["python", "-m", "epee_core.performance", *(argv or sys.argv[1:])]),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(time.perf_counter() - started, 1),
         "measure_seconds": round(
-            sum(result["seconds"] for result in results) + (check or {}).get("seconds", 0.0), 1
+            sum(result["seconds"] for result in results)
+            + (check or {}).get("seconds", 0.0)
+            + (profile or {}).get("seconds", 0.0),
+            1,
         ),
         "machine": machine(),
         "git_revision": git_revision(),
         "settings": settings_of(args),
         "notes": derived_notes(results),
         "compile_check": check,
+        "profile": profile,
         "models": results,
     }
     output = Path(args.output)

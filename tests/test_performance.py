@@ -71,3 +71,16 @@ def test_timed_sample_is_the_results_reports_sample(tmp_path):
     assert [example.text for example in timed] == [example.text for example in expected]
     assert split_size == 300 and not overlaps and len(calibration) == 250
     assert not {example.text for example in timed} & {example.text for example in calibration}
+
+
+def test_profile_times_each_part_of_each_runner_and_puts_the_model_back(report_inputs):
+    report = run_report(report_inputs, "--profile", "ade-tiny")
+    profile = report["profile"]
+    assert {(row["batch_size"], row["runner"]) for row in profile["rows"]} == {
+        (batch, runner) for batch in (8, 32) for runner in ("before", "unbucketed", "current")
+    }
+    for row in profile["rows"]:
+        assert row["layers_ms"] > 0 and row["layer_tokens_per_batch"] > 0
+        assert row["ms_per_batch"] >= row["layers_ms"] + row["policy_ms"]
+    assert "## Where the time goes" in (report_inputs / "docs" / "perf.md").read_text()
+    assert performance.runner_module.policy_step is performance.runner_before_module.policy_step
