@@ -213,6 +213,18 @@ class ServeConfig:
             raise ConfigError(f"{path}: no 'epee:' section")
         return cls.from_section(data["epee"], source=f"{path} 'epee:'")
 
+    def check_model(self, spec: ModelSpec, source: str, model: str = "the model") -> None:
+        """ConfigError unless this section can serve `spec`: the same task, a policy within its layers."""
+        if self.task is not None and self.task != spec.task:
+            raise ConfigError(
+                f"{source}: 'task' is {self.task} but {model} is a {spec.task} model "
+                f"(a YAML for task '{self.task}' cannot serve it)"
+            )
+        try:
+            self.policy.check_layers(spec.num_layers)
+        except PolicyError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
     def policy_for(self, override: Mapping[str, Any] | None) -> Policy:
         """The policy a request asks for (`{"policy": name, ...params}`), else the configured one."""
         if not override:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from .config import TEXT_TASKS, ConfigError, ModelSpec, ServeConfig
 from .model import EXITS_FILE, SPEC_FILE
-from .policies import PolicyError
 from .serving import ARCHIVE_MODEL_DIR
 
 ENGINE_DIR = Path(__file__).resolve().parent
@@ -73,14 +72,7 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
             raise ConfigError(f"{model_dir}: not an epee model directory (missing {required})")
     spec = ModelSpec.load(model_dir / SPEC_FILE)
     serve_config = ServeConfig.load(config_path)
-    if serve_config.task is not None and serve_config.task != spec.task:
-        raise ConfigError(
-            f"{config_path}: 'task' is {serve_config.task} but {model_dir} is a {spec.task} model"
-        )
-    try:
-        serve_config.policy.check_layers(spec.num_layers)
-    except PolicyError as error:
-        raise ConfigError(f"{config_path}: {error}") from None
+    serve_config.check_model(spec, str(config_path), str(model_dir))
     if spec.task not in HANDLER_FOR_TASK:
         raise ConfigError(f"{model_dir}: no TorchServe handler for task '{spec.task}' yet")
     return spec, serve_config

@@ -9,21 +9,17 @@ debugging aid for synthetic data) adds the request body, and the handler warns a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from .serving import Answer, payload_size
+from .serving import Answer, body_field, payload_size
 
 DEBUG_INPUT_CHARS = 500  # with log_inputs, at most this much of a body per line
 
 
 def request_body_size(row: Any) -> int:
-    """Bytes of a TorchServe request row's body (`body` or `data`); 0 when it has none (form-encoded)."""
-    if isinstance(row, Mapping):
-        for name in ("body", "data"):
-            if name in row:
-                return payload_size(row[name])
-    return 0
+    """Bytes of a TorchServe request row's body; 0 when it has none (form-encoded)."""
+    field_name = body_field(row)
+    return payload_size(row[field_name]) if field_name else 0
 
 
 def request_line(
@@ -49,7 +45,8 @@ def request_line(
 
 def debug_input_line(request_id: str, row: Any) -> str:
     """The request body itself, for `log_inputs: true` only (synthetic data, never PHI)."""
-    body = row.get("body", row.get("data")) if isinstance(row, Mapping) else row
+    field_name = body_field(row)
+    body = row[field_name] if field_name else row
     if isinstance(body, (bytes, bytearray)):
         body = bytes(body[:DEBUG_INPUT_CHARS]).decode("utf-8", errors="backslashreplace")
     return f"epee request {request_id} input (log_inputs is on): {str(body)[:DEBUG_INPUT_CHARS]!r}"

@@ -80,13 +80,18 @@ def payload_size(payload: Any) -> int:
     return len(json.dumps(payload, ensure_ascii=False).encode("utf-8", errors="surrogatepass"))
 
 
+def body_field(row: Any) -> str | None:
+    """Where a TorchServe request row keeps its body: `body` or `data` (None for a form-encoded request)."""
+    return next((name for name in ("body", "data") if isinstance(row, Mapping) and name in row), None)
+
+
 def request_payload(row: Any, headers: Mapping[str, Any], max_body_bytes: int) -> Any:
     """The body of one TorchServe request row: parsed JSON (a dict under `body`/`data`), text or raw bytes.
 
     Raises RequestError for an empty or form-encoded request (400), a body over `max_body_bytes` (413), and a
     body sent as `application/json` that TorchServe could not parse (400).
     """
-    field_name = next((name for name in ("body", "data") if isinstance(row, Mapping) and name in row), None)
+    field_name = body_field(row)
     if field_name is None:
         raise RequestError(
             400,
@@ -149,14 +154,7 @@ class EarlyExitService:
     """
 
     def __init__(self, model: EarlyExitModel, config: ServeConfig):
-        if config.task is not None and config.task != model.spec.task:
-            raise ConfigError(
-                f"model YAML 'epee:' says task '{config.task}' but the model is '{model.spec.task}'"
-            )
-        try:
-            config.policy.check_layers(model.num_layers)
-        except PolicyError as error:
-            raise ConfigError(f"model YAML 'epee:': {error}") from None
+        config.check_model(model.spec, "model YAML 'epee:'")
         self.model = model.eval()
         self.config = config
         self.spec = model.spec

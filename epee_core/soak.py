@@ -131,7 +131,8 @@ def request_stream(examples: list[Example], task: str, bad_fraction: float, seed
         example = examples[index % len(examples)]
         index += 1
         if rng.random() < bad_fraction:
-            kind, call = bad_requests(example)[int(rng.integers(0, 4))]
+            kinds = bad_requests(example)
+            kind, call = kinds[int(rng.integers(0, len(kinds)))]
             yield kind, False, call
         else:
             yield "good", True, good_request(example, task)
@@ -147,10 +148,11 @@ def summarise(records: list[dict], sent: int) -> dict:
         outcome = str(record["status"] or record["error"])
         by_kind.setdefault(record["kind"], {}).setdefault(outcome, 0)
         by_kind[record["kind"]][outcome] += 1
+    answered = sum(record["status"] is not None for record in records)
     return {
         "sent": sent,
-        "answered": sum(record["status"] is not None for record in records),
-        "lost": sent - sum(record["status"] is not None for record in records),
+        "answered": answered,
+        "lost": sent - answered,
         "good": len(good),
         "good_200": sum(record["status"] == 200 for record in good),
         "good_5xx": sum((record["status"] or 0) >= 500 for record in good),

@@ -187,16 +187,6 @@ class TorchServe:
         (self.tmp_dir / ".model_server.pid").unlink(missing_ok=True)
         self.pid = None
 
-    def worker_pids(self) -> list[int]:
-        """Process ids of the server's Python model workers (children of the Java frontend)."""
-        if self.pid is None:
-            return []
-        try:
-            children = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        return [child.pid for child in children if "model_service_worker" in " ".join(child.cmdline())]
-
     def auth(self, api: str = "inference") -> dict[str, str]:
         """The Authorization header for the `inference` or `management` API ({} when token auth is off)."""
         return {"Authorization": f"Bearer {self.keys[api]}"} if self.keys else {}

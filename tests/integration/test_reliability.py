@@ -69,11 +69,6 @@ def setup(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(setup) -> TorchServe:
-    return setup["server"]
-
-
-@pytest.fixture(scope="module")
 def expected(setup):
     """The in-process engine's answer for every sentence, under the served policy and under `full`."""
     model = EarlyExitModel.from_pretrained(setup["model_dir"])

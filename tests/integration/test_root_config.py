@@ -54,11 +54,6 @@ def setup(tmp_path_factory, tokenizer):
             archive.unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="module")
-def server(setup) -> TorchServe:
-    return setup["server"]
-
-
 def test_root_config_listens_on_the_documented_local_ports_with_token_auth(server):
     assert (server.inference_url, server.management_url, server.metrics_url) == (
         "http://127.0.0.1:8080",

@@ -73,11 +73,6 @@ def management_flags(server: TorchServe) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(setup) -> TorchServe:
-    return setup["server"]
-
-
-@pytest.fixture(scope="module")
 def engine(setup):
     """The same model and policy in-process, one sentence at a time: the reference answers."""
     model = EarlyExitModel.from_pretrained(setup["model_dir"])

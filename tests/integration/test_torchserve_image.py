@@ -89,11 +89,6 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(setup) -> TorchServe:
-    return setup["server"]
-
-
-@pytest.fixture(scope="module")
 def engine(setup):
     """The same model and policy in-process, one image file at a time (the training reader): the reference."""
     model = EarlyExitModel.from_pretrained(setup["model_dir"])
