@@ -1,8 +1,10 @@
-"""The shared TorchServe handler: base_handler's life cycle around an `epee_core.serving` service.
+"""The shared TorchServe handler: base_handler's life cycle around an `epee_core` service.
 
 initialize → read and validate the model YAML's `epee:` section, load the model directory from the archive;
-preprocess → the rows and their headers; inference → the service answers the whole batch (grouped by policy);
-postprocess → per-request status, JSON body, batch headers and exit-layer metrics. Subclasses pick the service.
+preprocess → the service decodes and validates each request on its own; inference → the service runs the valid
+requests through the engine (grouped by policy, failures isolated per request); postprocess → answers, per-request
+status, batch headers, request log lines and metrics. `handle` keeps anything that still escapes from failing the
+batch inside TorchServe. Subclasses pick the service.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 import epee_core
-from epee_core.config import ServeConfig
-from epee_core.model import EarlyExitModel
-from epee_core.request_log import debug_input_line, request_line
-from epee_core.serving import ARCHIVE_MODEL_DIR, Answer, EarlyExitService
+from epee_core import (
+    ARCHIVE_MODEL_DIR,
+    Answer,
+    EarlyExitModel,
+    EarlyExitService,
+    ServeConfig,
+    debug_input_line,
+    failure_answer,
+    request_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,7 @@ logger = logging.getLogger(__name__)
 EXIT_LAYER_METRIC = "EpeeExitLayerRequests"
 LAYERS_RUN_METRIC = "EpeeLayersRun"
 LAYERS_SAVED_METRIC = "EpeeLayersSaved"
+ISOLATED_METRIC = "EpeeIsolatedFailures"
 BATCH_METRIC = "EpeeBatches"
 BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
 BATCH_ID_HEADER = "X-EPEE-Batch-Id"
@@ -73,34 +82,52 @@ class EarlyExitHandler(BaseHandler):
             logger.warning("epee: %s has log_inputs on: request bodies go to the logs (never with PHI)",
                            context.model_name)  # fmt: skip
 
-    def preprocess(self, data: list) -> tuple[list, list[dict]]:
+    def handle(self, data: list, context) -> list[dict]:
+        """base_handler's `handle`, with a last line of defence: TorchServe answers a batch whose handler raised
+        with 503 for every request and logs a traceback that may quote input, so nothing is allowed out."""
+        try:
+            return super().handle(data, context)
+        except Exception as error:
+            logger.error("epee: batch of %d failed outside the service: %s", len(data), type(error).__name__)
+            answers = [failure_answer(error) for _ in data]
+            answers = [Answer(500, answer.body, failure=answer.failure) for answer in answers]
+            return self.respond(answers, uuid.uuid4().hex[:12])
+
+    def preprocess(self, data: list) -> list:
         self.rows = data
         headers = [self.context.get_all_request_header(index) for index in range(len(data))]
-        return data, headers
+        return self.service.preprocess(data, headers)
 
-    def inference(self, batch: tuple[list, list[dict]], *args, **kwargs) -> list[Answer]:
-        rows, headers = batch
+    def inference(self, decoded: list, *args, **kwargs) -> list:
         started = time.perf_counter()
-        answers = self.service.answer(rows, headers)
+        outcomes = self.service.inference(decoded)
         self.model_ms = (time.perf_counter() - started) * 1000
-        return answers
+        return outcomes
 
-    def postprocess(self, answers: list[Answer]) -> list[dict]:
-        batch_id, batch_size = uuid.uuid4().hex[:12], str(len(answers))
+    def postprocess(self, outcomes: list) -> list[dict]:
+        answers = self.service.postprocess(outcomes)
+        batch_id = uuid.uuid4().hex[:12]
         self.log_requests(answers, batch_id)
+        self.record_metrics(answers)
+        return self.respond(answers, batch_id)
+
+    def respond(self, answers: list[Answer], batch_id: str) -> list[dict]:
+        """Status, content type and batch headers per request; a 500 names its request id."""
+        batch_size = str(len(answers))
         for index, answer in enumerate(answers):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
             self.context.set_response_header(index, BATCH_ID_HEADER, batch_id)
+            if answer.status >= 500:
+                answer.body["request_id"] = self.context.get_request_id(index)
             if answer.status != 200:
                 self.context.set_response_status(
                     answer.status, reason_phrase(answer.body["error"]), idx=index
                 )
-        self.record_metrics(answers)
         return [answer.body for answer in answers]
 
     def log_requests(self, answers: list[Answer], batch_id: str) -> None:
-        """One line per request: id, size, status, exit layer, timing; never the content (request_log.py)."""
+        """One line per request: id, size, status, exit layer, failure type, timing; never the content."""
         num_layers = self.service.spec.num_layers
         for index, (row, answer) in enumerate(zip(self.rows, answers)):
             request_id = self.context.get_request_id(index)
@@ -116,6 +143,13 @@ class EarlyExitHandler(BaseHandler):
         base = [Dimension("ModelName", model), Dimension("Level", "Model")]
         num_layers = self.service.spec.num_layers
         for answer in answers:
+            if answer.failure is not None:
+                failure_dims = [
+                    *base,
+                    Dimension("Status", str(answer.status)),
+                    Dimension("ErrorType", answer.failure),
+                ]
+                metrics.add_counter(ISOLATED_METRIC, 1, dimensions=failure_dims)
             if answer.exit_layer is None:
                 continue
             exit_dims = [

@@ -1,12 +1,12 @@
 """TorchServe handler for image-classification early-exit models.
 
 Requests: raw PNG/JPEG bytes (any content type but JSON) or JSON `{"image": "<base64>"}`; an optional
-`"epee": {"policy": "full"}` field or `X-EPEE-Policy` header overrides the policy (DESIGN §6).
+`"epee": {"policy": "full"}` field or `X-EPEE-Policy` header overrides the policy (docs/design.md, "HTTP contract").
 """
 
 from __future__ import annotations
 
-from epee_core.image_serving import ImageService
+from epee_core import ImageService
 from handlers.base import EarlyExitHandler
 
 

@@ -1,23 +1,22 @@
 """ALBERT, GPT-2 and ViT adapters: they reproduce the plain Hugging Face models, and the runner's invariant
-(a batched row exits where it would alone) holds for each of them (DESIGN §4)."""
+(a batched row exits where it would alone) holds for each of them (docs/design.md, "Runner")."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, single_row
-from tiny_backbones import NUM_LAYERS, build_tiny_backbone_model, random_pixels, tiny_config
+from helpers import NUM_LAYERS, build_tiny_model, random_batch, random_pixels, single_row, tiny_config
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import AutoModel, PreTrainedTokenizerFast
 
-from epee_core.backbones import SMALL_CONFIGS, build_backbone
-from epee_core.data import encode_texts
-from epee_core.heads import pool
-from epee_core.model import EarlyExitModel
-from epee_core.policies import make_policy
-from epee_core.runner import run_early_exit
+from epee_core.engine.backbones import SMALL_CONFIGS, build_backbone
+from epee_core.engine.heads import pool
+from epee_core.engine.inputs import encode_texts
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import make_policy
+from epee_core.engine.runner import run_early_exit
 
 KINDS = ["albert", "gpt2", "vit"]
 POLICIES = [
@@ -31,7 +30,7 @@ POLICIES = [
 
 @pytest.fixture(scope="module")
 def tiny_models(tokenizer) -> dict[str, EarlyExitModel]:
-    return {kind: build_tiny_backbone_model(kind, tokenizer) for kind in KINDS}
+    return {kind: build_tiny_model(tokenizer, kind=kind) for kind in KINDS}
 
 
 def make_batch(model: EarlyExitModel, batch_size: int, seed: int) -> dict[str, torch.Tensor]:

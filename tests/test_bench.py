@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import DEMO_DATA, build_tiny_model
+from helpers import DEMO_DATA, build_tiny_model
 
-from epee_core.bench import add_ratios, default_policy_names, realised_saving
 from epee_core.cli import main
+from epee_core.measure.bench import add_ratios, default_policy_names, realised_saving
 
 
 def row(policy: str, samples_per_second: float, layer_speedup: float) -> dict:
@@ -133,34 +133,3 @@ def test_bench_refuses_bad_batch_sizes_in_one_line(bench_inputs, capsys):
     model_dir, data, work = bench_inputs
     code, _, err = run_bench_cli(capsys, model_dir, data, work / "out", "--batch-sizes", "8,zero")
     assert code == 2 and "--batch-sizes expects" in err
-
-
-def test_bench_times_runners_side_by_side_with_the_same_answers(bench_inputs, capsys):
-    model_dir, data, work = bench_inputs
-    code, out, _ = run_bench_cli(
-        capsys,
-        model_dir,
-        data,
-        work / "out",
-        *("--runners", "before,current", "--policies", "full,epee,oracle", "--batch-sizes", "4", "--json"),
-    )
-    assert code == 0
-    report = json.loads(out)
-    assert report["runners"] == ["before", "current"]
-    by_key = {(r["runner"], r["policy"]): r for r in report["results"]}
-    assert len(by_key) == 6
-    for name in ("full", "epee", "oracle"):
-        before, current = by_key["before", name], by_key["current", name]
-        assert before["exit_layer_counts"] == current["exit_layer_counts"]
-        assert before["accuracy"] == current["accuracy"]
-    assert (
-        by_key["before", "full"]["throughput_vs_full"] == by_key["current", "full"]["throughput_vs_full"] == 1
-    )
-    markdown = open(report["written"][1]).read()
-    assert "| runner | policy |" in markdown and "| before | full |" in markdown
-
-
-def test_bench_refuses_an_unknown_runner_in_one_line(bench_inputs, capsys):
-    model_dir, data, work = bench_inputs
-    code, _, err = run_bench_cli(capsys, model_dir, data, work / "out", "--runners", "current,turbo")
-    assert code == 2 and "--runners" in err and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""Calibration (issue 6): replay on cached logits equals the live runner, the choice on synthetic caches with a
+"""Calibration: replay on cached logits equals the live runner, the choice on synthetic caches with a
 known optimum, the `full` fallback, cache reuse and staleness, and the model YAML it writes."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import DEMO_DATA, LABELS, build_tiny_model
+from helpers import DEMO_DATA, LABELS, build_tiny_model
 
 from epee_core.calibration import (
     CalibrationJob,
@@ -30,10 +30,8 @@ from epee_core.calibration import (
 from epee_core.calibration.pipeline import fresh_cache
 from epee_core.calibration.sweep import single_thread
 from epee_core.cli import main
-from epee_core.config import ModelSpec, ServeConfig
-from epee_core.data import read_examples
-from epee_core.evaluation import prepare_batches
-from epee_core.policies import (
+from epee_core.data.text import read_examples
+from epee_core.engine.policies import (
     POLICY_NAMES,
     SIMILARITIES,
     divergence,
@@ -41,7 +39,10 @@ from epee_core.policies import (
     make_policy,
     normalised_entropy,
 )
-from epee_core.runner import run_early_exit
+from epee_core.engine.runner import run_early_exit
+from epee_core.engine.spec import ModelSpec
+from epee_core.evaluation.evaluate import prepare_batches
+from epee_core.serving.config import ServeConfig
 
 NUM_DEV = 24
 
@@ -72,7 +73,7 @@ def between(values: torch.Tensor, quantile: float) -> float:
 
 
 def policies_for(cache: LogitCache, multi_label: bool) -> list:
-    """Every policy of DESIGN §3, with thresholds placed inside the cache's own value ranges so exits vary."""
+    """Every policy of docs/design.md, with thresholds placed inside the cache's own value ranges so exits vary."""
     probs = layer_probs(cache.logits, multi_label)
     entropy = normalised_entropy(probs, multi_label)
     confidence = torch.maximum(probs, 1 - probs).amin(-1) if multi_label else probs.amax(-1)
@@ -432,10 +433,10 @@ def test_cli_calibrate_user_errors_are_one_line(model_dir, dev_file, tmp_path, c
 def image_model_and_data(tmp_path_factory):
     """A tiny ViT model directory (labels "0", "1", "2" as MedMNIST class ids) and a `.npz` with a `val` split."""
     import numpy as np
-    from tiny_backbones import build_tiny_backbone_model
+    from helpers import build_tiny_model
 
     directory = tmp_path_factory.mktemp("vit")
-    model = build_tiny_backbone_model("vit")
+    model = build_tiny_model(kind="vit")
     model.spec.labels = ["0", "1", "2"]
     model.save_pretrained(directory / "model")
     rng = np.random.default_rng(0)
@@ -448,7 +449,7 @@ def image_model_and_data(tmp_path_factory):
 
 def test_image_model_replay_equals_live_and_calibrates(image_model_and_data, tmp_path):
     from epee_core.calibration.pipeline import labelled_batches
-    from epee_core.model import EarlyExitModel
+    from epee_core.engine.model import EarlyExitModel
 
     model_dir, data = image_model_and_data
     model = EarlyExitModel.from_pretrained(model_dir)

@@ -1,11 +1,11 @@
-"""The `epee` command line: train → evaluate end to end on tiny models, and one-line errors (DESIGN §7)."""
+"""The `epee` command line: train → evaluate end to end on tiny models, and one-line errors (docs/design.md, "Commands")."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import DEMO_DATA, tiny_bert_config
+from helpers import DEMO_DATA, tiny_bert_config
 from transformers import AutoTokenizer, BertModel
 
 from epee_core.cli import main

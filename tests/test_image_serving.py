@@ -1,4 +1,4 @@
-"""Image requests of epee_core.image_serving, without a server: decoding, limits, batches (DESIGN §6)."""
+"""Image requests of epee_core.image_serving, without a server: decoding, limits, batches (docs/design.md, "HTTP contract")."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import build_tiny_model
 from PIL import Image
-from tiny_backbones import build_tiny_backbone_model
 
-from epee_core.config import ConfigError, ServeConfig
-from epee_core.image_serving import ImageService, decode_base64, decode_image
-from epee_core.images import encode_images, load_image
-from epee_core.packaging import HANDLER_FOR_TASK, check_inputs
-from epee_core.runner import run_early_exit
-from epee_core.serving import RequestError, request_payload
+from epee_core.data.images import load_image
+from epee_core.engine.inputs import encode_images
+from epee_core.engine.runner import run_early_exit
+from epee_core.engine.spec import ConfigError
+from epee_core.ops.packaging import HANDLER_FOR_TASK, check_inputs
+from epee_core.serving.config import ServeConfig
+from epee_core.serving.images import ImageService, decode_base64, decode_image
+from epee_core.serving.service import RequestError, request_payload
 
 JSON = {"body": {"content-type": "application/json"}}
 PNG_TYPE = {"body": {"content-type": "image/png"}}
@@ -45,15 +47,9 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(1000)))
 
 
-@pytest.fixture(autouse=True)
-def restore_pil_limit(monkeypatch):
-    """ImageService sets PIL's global MAX_IMAGE_PIXELS; put it back after each test."""
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return build_tiny_backbone_model("vit")
+    return build_tiny_model(kind="vit")
 
 
 def service(model, **section) -> ImageService:
@@ -129,11 +125,17 @@ def test_decompression_bomb_header_is_413_without_allocating_pixels(monkeypatch)
     assert caught.value.status == 413 and "max_image_pixels" in caught.value.message
 
 
-def test_service_sets_pils_own_bomb_guard_to_the_limit(model):
+def test_service_leaves_pils_process_wide_guard_alone(model):
+    before = Image.MAX_IMAGE_PIXELS
     service(model, max_image_pixels=5000)
-    assert Image.MAX_IMAGE_PIXELS == 5000
-    with pytest.raises(RequestError) as caught:  # PIL refuses above twice its limit, even with a laxer check
-        decode_image(png_header_only(1000, 1000), max_pixels=10**9)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_pils_own_bomb_guard_backs_up_a_laxer_limit_with_413():
+    with pytest.raises(
+        RequestError
+    ) as caught:  # PIL refuses above twice its default, even with a laxer check
+        decode_image(png_header_only(20_000, 20_000), max_pixels=10**12)
     assert caught.value.status == 413
 
 
@@ -143,7 +145,7 @@ def test_max_image_pixels_must_be_positive():
 
 
 def test_text_model_is_refused(tokenizer):
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
 
     with pytest.raises(ConfigError, match="image processor"):
         ImageService(build_tiny_model(tokenizer), ServeConfig())

@@ -1,5 +1,5 @@
 """Image classification: MedMNIST `.npz` splits, image folders, the transform, image model directories and the
-train / evaluate commands on images (DESIGN §8)."""
+train / evaluate commands on images (docs/design.md, "Data formats")."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import IMAGE_SIZE, LABELS, build_tiny_model, tiny_config
 from PIL import Image
-from tiny_backbones import IMAGE_SIZE, LABELS, build_tiny_backbone_model, tiny_config
 from transformers import AutoModel, ViTImageProcessor
 
-from epee_core.backbones import build_backbone
 from epee_core.cli import main
-from epee_core.config import ConfigError, ModelSpec
-from epee_core.images import (
-    default_image_processor,
-    encode_images,
-    image_transform,
-    read_image_examples,
-    read_image_folder,
-    read_npz,
-)
-from epee_core.model import EarlyExitModel
+from epee_core.data.images import read_image_examples, read_image_folder, read_npz
+from epee_core.engine.backbones import build_backbone
+from epee_core.engine.inputs import default_image_processor, encode_images, image_transform
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.spec import ConfigError, ModelSpec
 
 
 def write_npz(path, splits: dict[str, int], size: int = 8, rgb: bool = False) -> str:
@@ -118,7 +112,7 @@ def test_image_data_must_be_npz_or_folder(tmp_path):
 
 
 def test_image_model_directory_roundtrip(tmp_path):
-    model = build_tiny_backbone_model("vit")
+    model = build_tiny_model(kind="vit")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "preprocessor_config.json").is_file()
     loaded = EarlyExitModel.from_pretrained(tmp_path)
@@ -136,7 +130,7 @@ def test_image_model_directory_roundtrip(tmp_path):
 
 
 def test_image_model_directory_without_image_processor_is_refused(tmp_path):
-    build_tiny_backbone_model("vit").save_pretrained(tmp_path)
+    build_tiny_model(kind="vit").save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").unlink()
     with pytest.raises(ConfigError, match="preprocessor_config.json"):
         EarlyExitModel.from_pretrained(tmp_path)
@@ -145,7 +139,7 @@ def test_image_model_directory_without_image_processor_is_refused(tmp_path):
 def image_spec(**changes) -> dict:
     spec = {
         "task": "image-classification",
-        "labels": LABELS,
+        "labels": LABELS["image-classification"],
         "backbone": "vit",
         "pooling": "cls",
         "num_layers": 4,
@@ -171,7 +165,7 @@ def test_epee_yaml_image_fields_are_validated(changes, key):
 
 
 def test_image_task_refuses_a_text_backbone(tokenizer):
-    text_model = build_tiny_backbone_model("albert", tokenizer)
+    text_model = build_tiny_model(tokenizer, kind="albert")
     spec = ModelSpec.from_dict(image_spec(backbone="albert"))
     with pytest.raises(ConfigError, match="image backbone"):
         EarlyExitModel(spec, text_model.backbone, image_processor=default_image_processor(IMAGE_SIZE))

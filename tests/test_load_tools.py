@@ -18,9 +18,16 @@ import pytest
 from PIL import Image
 
 from epee_core.cli import main
-from epee_core.config import ConfigError
-from epee_core.loadtest import LOCUSTFILE, LoadRun, LoadTestError, require_local, run_locust, stop_on_signals
-from epee_core.locust_stats import check_slo, load_slo, read_history, read_stats
+from epee_core.engine.spec import ConfigError
+from epee_core.measure.loadtest import (
+    LOCUSTFILE,
+    LoadRun,
+    LoadTestError,
+    require_local,
+    run_locust,
+    stop_on_signals,
+)
+from epee_core.measure.locust_stats import check_slo, load_slo, read_history, read_stats
 
 LOAD_TESTS = LOCUSTFILE.parent
 

@@ -1,16 +1,17 @@
-"""The model directory (DESIGN §5): save/load roundtrip and clear errors for bad directories and YAML."""
+"""The model directory (docs/design.md, "Model directory"): save/load roundtrip and clear errors for bad directories and YAML."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import yaml
-from conftest import build_tiny_model, random_batch
+from helpers import build_tiny_model, random_batch
 
-from epee_core.config import ConfigError, ModelSpec, ServeConfig
-from epee_core.model import EarlyExitModel
-from epee_core.policies import make_policy
-from epee_core.runner import run_early_exit
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import make_policy
+from epee_core.engine.runner import run_early_exit
+from epee_core.engine.spec import ConfigError, ModelSpec
+from epee_core.serving.config import ServeConfig
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import zipfile
 
 import pytest
 import yaml
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from epee_core.cli import main
-from epee_core.deploy import TOKEN_ENV, ServerError, management_token
+from epee_core.ops.management import TOKEN_ENV, ServerError, management_token
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,13 @@ def test_archive_holds_handler_engine_sources_model_and_yaml(model_dir, tmp_path
     assert {
         "text_handler.py",
         "handlers/base.py",
-        "epee_core/serving.py",
-        "epee_core/runner.py",
+        "epee_core/__init__.py",
+        "epee_core/serving/service.py",
+        "epee_core/engine/runner.py",
         "tiny.yaml",
     } <= names
+    bundled = {name.split("/")[1] for name in names if name.startswith("epee_core/")}
+    assert bundled == {"__init__.py", "engine", "serving"}  # no CLI, training, calibration or measurement
     assert {
         "model/config.json",
         "model/model.safetensors",

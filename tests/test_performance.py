@@ -1,13 +1,13 @@
-"""The performance report script: before/after runners side by side per model, calibrated EPEE, resumable."""
+"""The performance report script: full, calibrated EPEE and oracle side by side per model, resumable."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import DEMO_DATA, build_tiny_model
+from helpers import DEMO_DATA, build_tiny_model
 
-from epee_core import performance
+from epee_core.measure import performance
 
 
 @pytest.fixture(scope="module")
@@ -38,20 +38,19 @@ def run_report(work, *extra: str) -> dict:
     return json.loads((work / "docs" / "perf.json").read_text())
 
 
-def test_report_times_both_runners_for_full_epee_and_oracle(report_inputs):
+def test_report_times_full_epee_and_oracle_at_every_batch_size(report_inputs):
     report = run_report(report_inputs)
     (model,) = report["models"]
-    assert model["runners"] == ["before", "current"] and model["num_samples"] == 12
-    assert {(row["runner"], row["batch_size"], row["policy"]) for row in model["results"]} == {
-        (runner, batch, policy)
-        for runner in ("before", "current")
-        for batch in (1, 4)
-        for policy in ("full", model["epee_policy"], "oracle")
+    assert model["num_samples"] == 12
+    assert {(row["batch_size"], row["policy"]) for row in model["results"]} == {
+        (batch, policy) for batch in (1, 4) for policy in ("full", model["epee_policy"], "oracle")
     }
     assert model["calibration"]["includes_timed_rows"]  # 30 dev rows: too few to keep the timed ones out
     markdown = (report_inputs / "docs" / "perf.md").read_text()
     assert "## Batch 4 at a glance" in markdown and "## ade-tiny (12 of 30 dev rows" in markdown
-    assert report["command"].startswith("python -m epee_core.performance") and report["machine"]["cores"]
+    assert (
+        report["command"].startswith("python -m epee_core.measure.performance") and report["machine"]["cores"]
+    )
 
 
 def test_report_reads_a_model_measured_with_the_same_settings_back(report_inputs):
@@ -73,14 +72,20 @@ def test_timed_sample_is_the_results_reports_sample(tmp_path):
     assert not {example.text for example in timed} & {example.text for example in calibration}
 
 
-def test_profile_times_each_part_of_each_runner_and_puts_the_model_back(report_inputs):
+def test_profile_reads_each_labelled_part_of_the_runner(report_inputs):
     report = run_report(report_inputs, "--profile", "ade-tiny")
     profile = report["profile"]
-    assert {(row["batch_size"], row["runner"]) for row in profile["rows"]} == {
-        (batch, runner) for batch in (8, 32) for runner in ("before", "unbucketed", "current")
-    }
+    assert {row["batch_size"] for row in profile["rows"]} == {8, 32} and len(profile["rows"]) == 4
     for row in profile["rows"]:
         assert row["layers_ms"] > 0 and row["layer_tokens_per_batch"] > 0
         assert row["ms_per_batch"] >= row["layers_ms"] + row["policy_ms"]
     assert "## Where the time goes" in (report_inputs / "docs" / "perf.md").read_text()
-    assert performance.runner_module.policy_step is performance.runner_before_module.policy_step
+
+
+def test_recorded_report_figures_go_beside_the_new_ones(report_inputs):
+    first = run_report(report_inputs)
+    recorded = report_inputs / "recorded.json"
+    recorded.write_text(json.dumps(first))
+    run_report(report_inputs, "--recorded", str(recorded))
+    markdown = (report_inputs / "docs" / "perf.md").read_text()
+    assert "EPEE × full recorded" in markdown and f"in {recorded}" in markdown

@@ -1,4 +1,4 @@
-"""Each policy's rule against hand-computed examples (DESIGN §3)."""
+"""Each policy's rule against hand-computed examples (docs/design.md, "Policies")."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from epee_core.policies import (
+from epee_core.engine.policies import (
     PolicyError,
     divergence,
     init_state,
@@ -165,8 +165,12 @@ def test_unknown_policy_is_named():
 @pytest.mark.parametrize(
     ("name", "params", "message"),
     [
-        ("entropy", {"entropy_threshold": 1.5}, "'entropy_threshold' must be a number in \\(0.0, 1.0\\]"),
-        ("patience", {"patience": 0}, "'patience' must be an integer >= 1"),
+        (
+            "entropy",
+            {"entropy_threshold": 1.5},
+            "'entropy_threshold' must be a finite number in \\(0.0, 1.0\\]",
+        ),
+        ("patience", {"patience": 0}, "'patience' must be an integer in \\[1, 10000\\]"),
         ("patience", {"patience": "two"}, "'patience' must be an integer"),
         ("patience", {"patience": 1.5}, "'patience' must be an integer"),
         ("epee", {"ensemble": "median"}, "'ensemble' must be one of last, window_mean"),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_bert_config
+from helpers import tiny_bert_config
 from transformers import BertModel
 
-from epee_core.data import InputError, mark_entities
-from epee_core.training import TrainConfig, train
+from epee_core.engine.inputs import InputError, mark_entities
+from epee_core.training.trainer import TrainConfig, train
 
 
 def test_head_inside_the_tail_is_marked_at_its_own_later_occurrence():

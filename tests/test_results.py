@@ -1,4 +1,4 @@
-"""The results report script (epee_core.results): recipes as `epee train` commands, notes derived from numbers."""
+"""The results report script (epee_core.measure.results): recipes as `epee train` commands, notes derived from numbers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from epee_core import results
 from epee_core.cli import build_parser
+from epee_core.measure import results
 
 
 def fake_run(

@@ -1,18 +1,17 @@
-"""The runner's invariant (DESIGN §4): batching and compaction never change a sample's result, and they save work."""
+"""The runner's invariant (docs/design.md, "Runner"): batching and compaction never change a sample's result, and they save work."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model, random_batch, single_row, tiny_bert_config
+from helpers import build_tiny_model, random_batch, single_row, tiny_bert_config
 from transformers import BertForSequenceClassification
 
-from epee_core.backbones import adapter_for
-from epee_core.config import ModelSpec
-from epee_core.model import EarlyExitModel
-from epee_core.policies import make_policy
-from epee_core.runner import first_exit_read, length_buckets, run_bucketed, run_early_exit
-from epee_core.runner_before import run_early_exit_before
+from epee_core.engine.backbones import adapter_for
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import first_exit_read, make_policy
+from epee_core.engine.runner import length_buckets, run_bucketed, run_early_exit
+from epee_core.engine.spec import ModelSpec
 
 POLICIES = [
     ("full", {}),
@@ -79,17 +78,21 @@ def test_bucketed_run_equals_each_sample_alone(tiny_models, task, batch_size, na
 
 @pytest.mark.parametrize("task", ["text-classification", "multi-label"])
 @pytest.mark.parametrize(("name", "params"), POLICIES)
-def test_runner_gives_the_answers_of_the_runner_before_issue_9(tiny_models, task, name, params):
+def test_bucketed_and_single_batch_runs_agree_and_count_their_work(tiny_models, task, name, params):
     model = tiny_models[task]
     policy = make_policy(name, params)
     batch = random_batch(16, len(model.tokenizer), seed=7)
     labels = random_labels(model, 16)
-    before = run_early_exit_before(model, batch, policy, labels)
-    for result in (run_early_exit(model, batch, policy, labels), run_bucketed(model, batch, policy, labels)):
-        assert torch.equal(result.exit_layer, before.exit_layer)
-        torch.testing.assert_close(result.probs, before.probs, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(result.entropy, before.entropy, atol=1e-5, rtol=1e-4)
-    assert run_early_exit(model, batch, policy, labels).rows_per_layer == before.rows_per_layer
+    single = run_early_exit(model, batch, policy, labels)
+    bucketed = run_bucketed(model, batch, policy, labels)
+    assert torch.equal(bucketed.exit_layer, single.exit_layer)
+    torch.testing.assert_close(bucketed.probs, single.probs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bucketed.entropy, single.entropy, atol=1e-5, rtol=1e-4)
+    ran = [int((single.exit_layer > index).sum()) for index in range(model.num_layers)]
+    expected_rows = [count for count in ran if count]
+    assert single.rows_per_layer == bucketed.rows_per_layer == expected_rows
+    assert len(single.tokens_per_layer) == len(expected_rows)
+    assert all(tokens >= rows for tokens, rows in zip(bucketed.tokens_per_layer, expected_rows))
 
 
 @pytest.mark.parametrize(("name", "params"), [p for p in POLICIES if p[0] not in ("full", "static")])

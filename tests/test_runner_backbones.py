@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, single_row
-from tiny_backbones import build_tiny_backbone_model, random_pixels
+from helpers import build_tiny_model, random_batch, random_pixels, single_row
 
-from epee_core.model import EarlyExitModel
-from epee_core.policies import make_policy
-from epee_core.runner import run_bucketed, run_early_exit
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import make_policy
+from epee_core.engine.runner import run_bucketed, run_early_exit
 
 KINDS = ["albert", "gpt2", "vit"]
 POLICIES = [
@@ -24,7 +23,7 @@ POLICIES = [
 
 @pytest.fixture(scope="module")
 def tiny_models(tokenizer) -> dict[str, EarlyExitModel]:
-    return {kind: build_tiny_backbone_model(kind, tokenizer) for kind in KINDS}
+    return {kind: build_tiny_model(tokenizer, kind=kind) for kind in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,15 +1,16 @@
-"""Request decoding and batch answering of epee_core.serving, without a server (DESIGN §6)."""
+"""Request decoding and batch answering of epee_core.serving, without a server (docs/design.md, "HTTP contract")."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
-import epee_core.serving as serving
-from epee_core.config import ConfigError, ServeConfig
-from epee_core.data import encode_texts
-from epee_core.runner import run_bucketed, run_early_exit
-from epee_core.serving import RequestError, TextService, request_payload
+import epee_core.serving.service as serving
+from epee_core.engine.inputs import encode_texts
+from epee_core.engine.runner import run_bucketed, run_early_exit
+from epee_core.engine.spec import ConfigError
+from epee_core.serving.config import ServeConfig
+from epee_core.serving.service import RequestError, TextService, request_payload
 
 TEXTS = [
     "Pericardial hemorrhage due to acetylsalicylic acid.",

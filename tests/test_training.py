@@ -1,4 +1,4 @@
-"""`epee train` exit-training options (issue 9): layer weights, self-distillation, early stopping on dev, two-stage
+"""`epee train` exit-training options: layer weights, self-distillation, early stopping on dev, two-stage
 training, and the flags that set them. Tiny random BERT (3 layers, hidden 32) on the embedded ADE demo rows."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import DEMO_DATA, tiny_bert_config
+from helpers import DEMO_DATA, tiny_bert_config
 from transformers import BertModel
 
-from epee_core import training
-from epee_core.cli import build_parser, main, train_config_from_args
-from epee_core.config import ConfigError
-from epee_core.model import EarlyExitModel
-from epee_core.training import TrainConfig, distillation_loss, joint_loss, layer_weights, train
+from epee_core.cli import build_parser, main
+from epee_core.cli.train import train_config_from_args
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.spec import ConfigError
+from epee_core.training import trainer as training
+from epee_core.training.trainer import TrainConfig, distillation_loss, joint_loss, layer_weights, train
 
 NUM_LAYERS = 3
 

@@ -1,4 +1,4 @@
-"""Calibration (issue 6): cache every exit's logits once, replay every policy setting offline with the live
+"""Calibration: cache every exit's logits once, replay every policy setting offline with the live
 runner's `policy_step`, and pick the fastest setting within an accuracy budget (or a speed-up target).
 
 cache.py      the logit cache file and its fingerprint

@@ -18,8 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError
-from ..model import SPEC_FILE, EarlyExitModel
+from ..engine.model import SPEC_FILE, EarlyExitModel
+from ..engine.spec import ConfigError
 
 CACHE_FORMAT = "epee-calibration-cache/1"
 # Files of a model directory that decide its logits: weights, configs, tokenizer / image-processor files.

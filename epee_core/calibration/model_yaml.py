@@ -1,4 +1,4 @@
-"""The per-model TorchServe YAML that calibration writes (DESIGN §5): TorchServe keys + the `epee:` section."""
+"""The per-model TorchServe YAML that calibration writes (docs/design.md, "Model directory"): TorchServe keys + the `epee:` section."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
-from ..config import TEXT_TASKS, ConfigError, ModelSpec, ServeConfig
-from ..policies import Policy
+from ..engine.policies import Policy
+from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
+from ..serving.config import ServeConfig
 
 
 @dataclass

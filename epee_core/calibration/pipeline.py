@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..config import ModelSpec
-from ..data import read_task_examples
-from ..evaluation import prepare_batches
-from ..model import SPEC_FILE, EarlyExitModel
+from ..data.text import read_task_examples
+from ..engine.model import SPEC_FILE, EarlyExitModel
+from ..engine.spec import ModelSpec
+from ..evaluation.evaluate import prepare_batches
 from .cache import LogitCache, StaleCacheError, build_cache, fingerprint, load_fresh
 from .model_yaml import ServingOptions, model_yaml, write_model_yaml
 from .plot import plot_frontier

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..policies import Policy, init_state, policy_step, predictions
+from ..engine.policies import Policy, init_state, policy_step, predictions
 
 
 class ReplayResult(NamedTuple):

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ..config import ModelSpec
-from ..metrics import task_metrics
-from ..policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
+from ..engine.policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
+from ..engine.spec import ModelSpec
+from ..evaluation.metrics import task_metrics
 from .replay import ReplayResult, replay_policy
 from .timing import LayerTimes
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, ModelSpec
-from ..metrics import task_metrics
-from ..policies import Policy, make_policy
+from ..engine.policies import Policy, make_policy
+from ..engine.spec import ConfigError, ModelSpec
+from ..evaluation.metrics import task_metrics
 from .cache import LogitCache
 from .replay import replay_policy
 from .search import (

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..model import EarlyExitModel
+from ..engine.model import EarlyExitModel
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from epee_core.torchserve import TorchServe
+from epee_core.ops.torchserve import TorchServe
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import requests
 import yaml
 
 from epee_core.cli import main
-from epee_core.model import EarlyExitModel
-from epee_core.policies import Policy
-from epee_core.runner import run_early_exit
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import Policy
+from epee_core.engine.runner import run_early_exit
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIG = ROOT / "config.properties"

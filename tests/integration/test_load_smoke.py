@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_DATA, build_tiny_model
+from helpers import DEMO_DATA, build_tiny_model
 
 from epee_core.cli import main
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from epee_core.cli import main
-from epee_core.config import ServeConfig
-from epee_core.data import Example, encode_texts, model_text
-from epee_core.model import EarlyExitModel
-from epee_core.runner import run_early_exit
-from epee_core.torchserve import TorchServe
+from epee_core.engine.inputs import Example, encode_texts, model_text
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.runner import run_early_exit
+from epee_core.ops.torchserve import TorchServe
+from epee_core.serving.config import ServeConfig
 
 from .helpers import ROOT, ROOT_CONFIG, package, post_all, wait_for_metric, write_model_yaml
 

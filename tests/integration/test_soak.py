@@ -7,10 +7,10 @@ import json
 import os
 
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from epee_core.cli import main
-from epee_core.torchserve import read_properties
+from epee_core.ops.torchserve import read_properties
 
 from .helpers import derive_config, write_model_yaml
 

@@ -12,14 +12,14 @@ from collections import defaultdict
 
 import pytest
 import requests
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from epee_core.cli import main
-from epee_core.config import ServeConfig
-from epee_core.data import encode_texts
-from epee_core.deploy import ManagementClient
-from epee_core.model import EarlyExitModel
-from epee_core.torchserve import TorchServe
+from epee_core.engine.inputs import encode_texts
+from epee_core.engine.model import EarlyExitModel
+from epee_core.ops.management import ManagementClient
+from epee_core.ops.torchserve import TorchServe
+from epee_core.serving.config import ServeConfig
 
 from .helpers import (
     SENTENCES,

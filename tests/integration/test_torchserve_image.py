@@ -15,14 +15,15 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from helpers import build_tiny_model
 from PIL import Image
-from tiny_backbones import build_tiny_backbone_model
 
 from epee_core.cli import main
-from epee_core.config import ServeConfig
-from epee_core.images import encode_images, image_transform, load_image
-from epee_core.model import EarlyExitModel
-from epee_core.torchserve import TorchServe
+from epee_core.data.images import load_image
+from epee_core.engine.inputs import encode_images, image_transform
+from epee_core.engine.model import EarlyExitModel
+from epee_core.ops.torchserve import TorchServe
+from epee_core.serving.config import ServeConfig
 
 from .helpers import derive_config, engine_answer, package, post_all, write_model_yaml
 
@@ -66,7 +67,7 @@ def setup(tmp_path_factory):
     """Tiny ViT → model YAML → `epee package` (image handler) → TorchServe → register; stopped afterwards."""
     work = tmp_path_factory.mktemp("torchserve-image")
     model_dir = work / "tiny-vit-model"
-    build_tiny_backbone_model("vit").save_pretrained(model_dir)
+    build_tiny_model(kind="vit").save_pretrained(model_dir)
     config = write_model_yaml(
         work / "tiny-vit.yaml",
         batch_size=4,

@@ -1,0 +1,75 @@
+"""The `epee` command line (docs/design.md, "Commands"). Each sub-command parses its flags here and calls the engine.
+
+Errors a user can cause (bad file, YAML, policy or value) print one line `epee: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..engine.inputs import InputError
+from ..engine.policies import POLICY_NAMES, Policy, PolicyError, make_policy
+from ..engine.spec import ConfigError
+from ..serving.config import ServeConfig
+
+USER_ERRORS = (ConfigError, PolicyError, InputError)
+
+
+class CommandError(Exception):
+    """A failure the user must act on (server down, unknown model...); printed as one line, exit 2."""
+
+
+def parse_set_values(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` pairs as a dict of strings (types are checked by the policy)."""
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PolicyError(f"--set expects KEY=VALUE, got {pair!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def policies_from_args(names: str | None, set_pairs: list[str], config_path: str | None) -> list[Policy]:
+    """Policies named by `--policy a,b`, starting from a model YAML's `epee:` section (`--config`) and `--set`."""
+    base_params: dict[str, Any] = {}
+    default_name = "epee"
+    if config_path:
+        serve = ServeConfig.load(config_path)
+        base_params, default_name = dict(serve.policy_params), serve.policy.name
+    overrides = parse_set_values(set_pairs)
+    chosen = [name.strip() for name in (names or default_name).split(",") if name.strip()]
+    if not chosen:
+        raise PolicyError(f"--policy is empty: expected one or more of {', '.join(POLICY_NAMES)}")
+    policies = []
+    for name in chosen:
+        policies.append(make_policy(name, {**base_params, **overrides}, strict=False))
+        if len(chosen) == 1:  # a single policy: every --set key must be one it uses
+            make_policy(
+                name, {**{k: v for k, v in base_params.items() if k in policies[0].params}, **overrides}
+            )
+    for key in overrides:
+        if not any(key in policy.params for policy in policies):
+            raise PolicyError(f"--set {key}: none of the policies {', '.join(chosen)} takes '{key}'")
+    return policies
+
+
+def emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
+    """Print one JSON object (`--json`) or the human-readable rendering."""
+    print(json.dumps(result, indent=2, default=str) if as_json else render(result))
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain text table of `rows` with (key, header) columns; floats get 4 significant decimals."""
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    body = [[cell(row.get(key, "")) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)

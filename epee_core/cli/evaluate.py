@@ -1,0 +1,133 @@
+"""`epee evaluate` and `epee bench`: accuracy, exit layers and throughput of policies on labelled data."""
+
+from __future__ import annotations
+
+from ..engine.policies import POLICY_NAMES, PolicyError
+from ..serving.config import ServeConfig
+from .common import CommandError, emit, format_table, policies_from_args
+
+EVALUATE_COLUMNS = [
+    ("policy", "policy"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro_f1"),
+    ("avg_exit_layer", "avg_exit"),
+    ("layer_speedup", "layer_x"),
+    ("samples_per_second", "samples/s"),
+    ("speedup_vs_full", "speed_x"),
+]
+
+
+def add_evaluate(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate", help="accuracy, average exit layer and speed of policies on labelled data"
+    )
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled JSONL file; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+    )
+    parser.add_argument(
+        "--policy", help=f"one or more of {','.join(POLICY_NAMES)}, comma-separated (default: epee)"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
+    parser.add_argument(
+        "--config", help="model YAML whose 'epee:' section gives the policy and its parameters"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args) -> None:
+    from ..data.text import read_task_examples
+    from ..engine.model import EarlyExitModel
+    from ..evaluation.evaluate import evaluate_policies
+
+    policies = policies_from_args(args.policy, args.set, args.config)
+    model = EarlyExitModel.from_pretrained(args.model)
+    examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
+    results = evaluate_policies(model, examples, policies, args.batch_size)
+    columns = list(EVALUATE_COLUMNS)
+    extra = {"relation-extraction": ("micro_f1", "micro_f1"), "multi-label": ("example_f1", "example_f1")}
+    if model.spec.task in extra:
+        columns.insert(3, extra[model.spec.task])
+    output = results[0] if len(results) == 1 else {"model": args.model, "data": args.data, "results": results}
+    emit(output, args.json, lambda _: format_table(results, columns))
+
+
+def add_bench(commands) -> None:
+    parser = commands.add_parser(
+        "bench",
+        help="in-process side-by-side benchmark: full, the YAML's policy, PABEE, entropy, oracle at several "
+        "batch sizes",
+        description="Run every policy on the same inputs at each batch size (policies take turns batch by "
+        "batch after warm-up, torch threads pinned the same for all) and report samples/s, p50/p95 per-batch "
+        "latency, accuracy, average exit layer, and throughput relative to full and to the oracle. Writes "
+        "JSON + markdown.",
+    )
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="labelled data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+    )
+    parser.add_argument(
+        "--config", help="model YAML whose 'epee:' section gives the policy, its parameters and num_threads"
+    )
+    parser.add_argument(
+        "--policies",
+        help="comma-separated policies (default: full, the YAML's policy or epee, patience, entropy, oracle)",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
+    parser.add_argument(
+        "--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)"
+    )
+    parser.add_argument("--max-samples", type=int, help="use only the first N examples")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for every policy (default: the YAML's num_threads, else torch's)",
+    )
+    parser.add_argument(
+        "--output-dir", help="where bench-MODEL-DATA.json/.md go (default load_tests/reports/<date>)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(run=run_bench)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """`--batch-sizes 1,8,32` as a list of positive integers."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CommandError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CommandError(f"--batch-sizes expects positive integers, got {text!r}")
+    return sizes
+
+
+def run_bench(args) -> None:
+    from pathlib import Path
+
+    from ..data.text import read_task_examples
+    from ..engine.model import EarlyExitModel
+    from ..measure import bench
+    from ..measure.loadtest import default_report_dir
+
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
+    serve = ServeConfig.load(args.config) if args.config else None
+    names = args.policies or ",".join(bench.default_policy_names(serve.policy.name if serve else "epee"))
+    policies = policies_from_args(names, args.set, args.config)
+    if len({policy.name for policy in policies}) != len(policies):
+        raise PolicyError(f"--policies names a policy twice: {names}")
+    model = EarlyExitModel.from_pretrained(args.model)
+    examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
+    threads = args.threads or (serve.num_threads if serve else None)
+    report = bench.run_bench(model, examples, policies, batch_sizes, threads)
+    report = {"model": args.model, "data": args.data, "config": args.config, **report}
+    stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
+    json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
+    report["written"] = [str(json_path), str(markdown_path)]
+    emit(report, args.json, lambda r: bench.render_markdown(r) + "\nwrote " + ", ".join(r["written"]))

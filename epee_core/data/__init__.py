@@ -1,0 +1,18 @@
+"""Labelled data sets: JSON Lines text readers, MedMNIST `.npz` and image-folder readers, the embedded demo set."""
+
+from pathlib import Path
+
+from .images import read_image_examples
+from .text import label_tensor, label_vocabulary, read_examples, read_task_examples
+
+# The embedded demo set: a few hundred ADE sentences (README.md in this folder says which and under what licence).
+DEMO_DATA_DIR = Path(__file__).resolve().parent
+
+__all__ = [
+    "DEMO_DATA_DIR",
+    "label_tensor",
+    "label_vocabulary",
+    "read_examples",
+    "read_image_examples",
+    "read_task_examples",
+]

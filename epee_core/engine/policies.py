@@ -1,0 +1,388 @@
+"""Exit policies (docs/design.md, "Policies") as pure functions over one layer's exit logits for a whole batch.
+
+A policy never keeps hidden state: everything it remembers between layers lives in a `PolicyState`, a tuple of
+per-row tensors that the runner compacts together with the hidden states. The same `policy_step` therefore serves
+the live runner (rows leave the batch as they exit) and offline replay over cached logits (calibration).
+
+Every policy is one small rule function plus one entry in `POLICIES` (its parameters, which exits it reads,
+whether it can be served): adding a policy touches this file only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+SIMILARITIES = ("kl", "reverse_kl", "jsd")
+ENSEMBLES = ("last", "window_mean")
+_EPS = 1e-12
+MAX_INTEGER_PARAM = 10_000  # layers and patience: far above any model's depth
+
+
+class PolicyError(ValueError):
+    """A policy name or parameter that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One policy parameter: its type, default and allowed range (or choices)."""
+
+    kind: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        name = "an integer" if self.kind is int else "a finite number"
+        if self.kind is int and self.high is None:
+            return f"{name} in [{self.low}, {MAX_INTEGER_PARAM}]"
+        if self.low is not None and self.high is not None:
+            left = "[" if self.low_inclusive else "("
+            return f"{name} in {left}{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{name} {'>=' if self.low_inclusive else '>'} {self.low}"
+        return name
+
+
+_MIN_LAYER = ParamSpec(int, 1, low=1)
+_TAU = ParamSpec(float, 0.2, low=0.0, high=1.0, low_inclusive=False)
+_PATIENCE = ParamSpec(int, 2, low=1)
+
+
+def _coerce(policy: str, key: str, spec: ParamSpec, value: Any) -> Any:
+    """Check a YAML or request value (or parse a `--set` string) against the parameter's exact type and range.
+
+    An integer parameter takes integers only (no 2.0, no 1e308) up to `MAX_INTEGER_PARAM`; a number must be finite.
+    """
+    problem = f"policy '{policy}': '{key}' must be {spec.describe()}, got {value!r}"
+    if spec.kind is str:
+        if not isinstance(value, str) or value not in spec.choices:
+            raise PolicyError(problem)
+        return value
+    if isinstance(value, bool):
+        raise PolicyError(problem)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip()) if spec.kind is int else float(value.strip())
+        except ValueError:
+            raise PolicyError(problem) from None
+    if spec.kind is int:
+        if not isinstance(value, int):
+            raise PolicyError(problem)
+    elif not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PolicyError(problem)
+    else:
+        value = float(value)
+    high = spec.high if spec.high is not None or spec.kind is not int else MAX_INTEGER_PARAM
+    if spec.low is not None and (value < spec.low or (value == spec.low and not spec.low_inclusive)):
+        raise PolicyError(problem)
+    if high is not None and value > high:
+        raise PolicyError(problem)
+    return value
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy: its name and every parameter it uses (defaults filled in)."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def min_layer(self) -> int:
+        return self.params.get("min_layer", 1)
+
+    def describe(self) -> str:
+        inner = ", ".join(f"{k}={v}" for k, v in sorted(self.params.items()) if k != "min_layer" or v != 1)
+        return f"{self.name}({inner})" if inner else self.name
+
+    def check_layers(self, num_layers: int) -> None:
+        """Fail early when a layer-valued parameter does not fit a model of `num_layers` layers."""
+        for key in ("layer", "min_layer"):
+            if self.params.get(key, 1) > num_layers:
+                raise PolicyError(
+                    f"policy '{self.name}': '{key}' is {self.params[key]} but the model has {num_layers} layers"
+                )
+
+
+def make_policy(name: str, params: Mapping[str, Any] | None = None, strict: bool = True) -> Policy:
+    """Validate a policy name and its parameters.
+
+    strict=True (CLI `--set`, request overrides) rejects keys the policy does not use; strict=False (a model YAML,
+    which holds parameters for several policies so requests may switch) ignores keys of other policies. Keys that
+    no policy knows are always rejected.
+    """
+    if name not in POLICIES:
+        raise PolicyError(f"unknown policy '{name}': expected one of {', '.join(POLICY_NAMES)}")
+    specs = {"min_layer": _MIN_LAYER, **POLICIES[name].params}
+    params = dict(params or {})
+    for key in params:
+        if key not in ALL_PARAM_KEYS:
+            raise PolicyError(
+                f"unknown policy parameter '{key}': expected one of {', '.join(sorted(ALL_PARAM_KEYS))}"
+            )
+        if strict and key not in specs:
+            raise PolicyError(f"policy '{name}' takes no parameter '{key}' (it takes: {', '.join(specs)})")
+    resolved = {}
+    for key, spec in specs.items():
+        resolved[key] = _coerce(name, key, spec, params[key]) if key in params else spec.default
+    return Policy(name, resolved)
+
+
+class PolicyState(NamedTuple):
+    """What a policy remembers per row between layers. Rows are compacted with `select`."""
+
+    counter: torch.Tensor  # [B] long: patience / confident-run counter
+    prev_probs: torch.Tensor  # [B, C]: the previous layer's probabilities
+    run_probs_sum: (
+        torch.Tensor
+    )  # [B, C]: sum of probabilities over the current confident run (EPEE window_mean)
+
+    def select(self, rows: torch.Tensor) -> PolicyState:
+        return PolicyState(*(t.index_select(0, rows) for t in self))
+
+
+def init_state(batch_size: int, num_outputs: int, device: torch.device | str = "cpu") -> PolicyState:
+    """The state before layer 1."""
+    zeros = torch.zeros(batch_size, num_outputs, device=device)
+    return PolicyState(torch.zeros(batch_size, dtype=torch.long, device=device), zeros, zeros.clone())
+
+
+class StepOutput(NamedTuple):
+    exit_mask: torch.Tensor  # [B] bool: rows that leave at this layer
+    state: PolicyState
+    probs: torch.Tensor  # [B, C]: the distribution a row returns if it exits here
+    entropy: torch.Tensor  # [B]: normalised entropy H_i of this layer
+
+
+def layer_probs(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """p_i: softmax over classes, or an independent sigmoid per label."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+
+
+def _as_distributions(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """View probabilities as categorical distributions over the last dim: multi-label → [B, C, 2] Bernoullis."""
+    return torch.stack((probs, 1.0 - probs), dim=-1) if multi_label else probs
+
+
+def normalised_entropy(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """H_i in [0, 1]: entropy / log C (single-label) or mean binary entropy / log 2 (multi-label)."""
+    dist = _as_distributions(probs, multi_label)
+    entropy = -(dist * torch.log(dist.clamp_min(_EPS))).sum(-1)
+    if multi_label:
+        return entropy.mean(-1) / math.log(2.0)
+    return entropy / math.log(probs.shape[-1]) if probs.shape[-1] > 1 else torch.zeros_like(entropy)
+
+
+def divergence(p: torch.Tensor, q: torch.Tensor, similarity: str, multi_label: bool) -> torch.Tensor:
+    """D(p, q) per row: KL(p‖q), KL(q‖p) or Jensen–Shannon (natural log); multi-label: mean over labels."""
+    p, q = _as_distributions(p, multi_label), _as_distributions(q, multi_label)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (torch.log(a.clamp_min(_EPS)) - torch.log(b.clamp_min(_EPS)))).sum(-1)
+
+    if similarity == "kl":
+        value = kl(p, q)
+    elif similarity == "reverse_kl":
+        value = kl(q, p)
+    elif similarity == "jsd":
+        mid = 0.5 * (p + q)
+        value = 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
+    else:
+        raise PolicyError(f"unknown similarity '{similarity}': expected one of {', '.join(SIMILARITIES)}")
+    return value.mean(-1) if multi_label else value
+
+
+def predictions(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Class index per row, or the label set {p >= 0.5} as a bool [B, C] mask."""
+    return probs >= 0.5 if multi_label else probs.argmax(-1)
+
+
+def _same_prediction(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    equal = predictions(a, multi_label) == predictions(b, multi_label)
+    return equal.all(-1) if multi_label else equal
+
+
+def _count(condition: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """counter + 1 where the condition holds, else 0."""
+    return torch.where(condition, counter + 1, torch.zeros_like(counter))
+
+
+class Signals(NamedTuple):
+    """What a rule sees at one layer for the rows still running."""
+
+    probs: torch.Tensor  # [B, C] this layer's probabilities
+    entropy: torch.Tensor  # [B] normalised entropy
+    state: PolicyState
+    layer: int  # 1-based
+    multi_label: bool
+    labels: torch.Tensor | None  # gold labels, `oracle` only
+
+
+class Decision(NamedTuple):
+    """A rule's answer: which rows fire, its new state, and the distribution a row returns if it exits here."""
+
+    fire: torch.Tensor  # [B] bool
+    state: PolicyState
+    output: torch.Tensor  # [B, C]
+
+
+def _never(params: dict, s: Signals) -> Decision:
+    """full: run every layer."""
+    return Decision(
+        torch.zeros_like(s.entropy, dtype=torch.bool), s.state._replace(prev_probs=s.probs), s.probs
+    )
+
+
+def _static(params: dict, s: Signals) -> Decision:
+    """static: every row leaves at `layer`."""
+    fire = torch.full_like(s.entropy, s.layer == params["layer"], dtype=torch.bool)
+    return Decision(fire, s.state._replace(prev_probs=s.probs), s.probs)
+
+
+def _max_prob(params: dict, s: Signals) -> Decision:
+    """max_prob: the top probability reaches `threshold`; multi-label: every label's decision is that confident."""
+    probs = s.probs
+    confidence = torch.maximum(probs, 1 - probs).amin(-1) if s.multi_label else probs.amax(-1)
+    return Decision(confidence >= params["threshold"], s.state._replace(prev_probs=probs), probs)
+
+
+def _entropy(params: dict, s: Signals) -> Decision:
+    """entropy (DeeBERT): normalised entropy below `entropy_threshold`."""
+    return Decision(s.entropy < params["entropy_threshold"], s.state._replace(prev_probs=s.probs), s.probs)
+
+
+def _patience(params: dict, s: Signals) -> Decision:
+    """patience (PABEE): the prediction stayed the same for `patience` consecutive layers."""
+    unchanged = _same_prediction(s.probs, s.state.prev_probs, s.multi_label) & (s.layer > 1)
+    counter = _count(unchanged, s.state.counter)
+    return Decision(
+        counter >= params["patience"], s.state._replace(counter=counter, prev_probs=s.probs), s.probs
+    )
+
+
+def _epee(params: dict, s: Signals) -> Decision:
+    """EPEE: `patience` consecutive confident layers (entropy < τ), or one very confident layer (< fast_ratio·τ);
+    `window_mean` returns the mean distribution over the confident run."""
+    tau, probs = params["entropy_threshold"], s.probs
+    confident = s.entropy < tau
+    counter = _count(confident, s.state.counter)
+    run_probs_sum = torch.where(
+        confident.unsqueeze(-1), s.state.run_probs_sum + probs, torch.zeros_like(probs)
+    )
+    fire = (counter >= params["patience"]) | (s.entropy < params["fast_ratio"] * tau)
+    output = probs
+    if params["ensemble"] == "window_mean":
+        run_length = counter.clamp_min(1).unsqueeze(-1).to(probs.dtype)
+        output = torch.where(confident.unsqueeze(-1), run_probs_sum / run_length, probs)
+    return Decision(fire, PolicyState(counter, probs, run_probs_sum), output)
+
+
+def _fpabee(params: dict, s: Signals) -> Decision:
+    """F-PABEE: consecutive layers' distributions stay within `similarity_threshold` for `patience` layers."""
+    distance = divergence(s.state.prev_probs, s.probs, params["similarity"], s.multi_label)
+    counter = _count((distance < params["similarity_threshold"]) & (s.layer > 1), s.state.counter)
+    return Decision(
+        counter >= params["patience"], s.state._replace(counter=counter, prev_probs=s.probs), s.probs
+    )
+
+
+def _oracle(params: dict, s: Signals) -> Decision:
+    """oracle: the first exit whose prediction is correct (an evaluation-only upper bound: needs gold labels)."""
+    if s.labels is None:
+        raise PolicyError("policy 'oracle' needs gold labels: it is an evaluation-only upper bound")
+    correct = predictions(s.probs, s.multi_label) == (s.labels.bool() if s.multi_label else s.labels)
+    fire = correct.all(-1) if s.multi_label else correct
+    return Decision(fire, s.state._replace(prev_probs=s.probs), s.probs)
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One policy: its rule, its parameters, and which exits it reads.
+
+    `reads` says from which layer on the runner must compute exits for it: `last` (only the final exit), `layer`
+    (only the `layer` parameter's exit), `own` (each layer's exit on its own, from `min_layer` on: no state
+    across layers) or `every` (counters that start at layer 1 whatever `min_layer` is).
+    """
+
+    rule: Callable[[dict, Signals], Decision]
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    reads: str = "every"
+    servable: bool = True
+
+
+POLICIES: dict[str, PolicyRule] = {
+    "full": PolicyRule(_never, reads="last"),
+    "static": PolicyRule(_static, {"layer": ParamSpec(int, 1, low=1)}, reads="layer"),
+    "max_prob": PolicyRule(
+        _max_prob, {"threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)}, reads="own"
+    ),
+    "entropy": PolicyRule(_entropy, {"entropy_threshold": _TAU}, reads="own"),
+    "patience": PolicyRule(_patience, {"patience": _PATIENCE}),
+    "epee": PolicyRule(
+        _epee,
+        {
+            "entropy_threshold": _TAU,
+            "patience": _PATIENCE,
+            "fast_ratio": ParamSpec(float, 0.25, low=0.0, high=1.0),
+            "ensemble": ParamSpec(str, "last", choices=ENSEMBLES),
+        },
+    ),
+    "fpabee": PolicyRule(
+        _fpabee,
+        {
+            "similarity": ParamSpec(str, "jsd", choices=SIMILARITIES),
+            "similarity_threshold": ParamSpec(float, 0.01, low=0.0, low_inclusive=False),
+            "patience": _PATIENCE,
+        },
+    ),
+    "oracle": PolicyRule(_oracle, reads="own", servable=False),
+}
+POLICY_NAMES = tuple(POLICIES)
+SERVABLE_POLICIES = tuple(name for name, rule in POLICIES.items() if rule.servable)
+POLICY_PARAMS = {name: rule.params for name, rule in POLICIES.items()}
+ALL_PARAM_KEYS = frozenset({"min_layer"} | {key for rule in POLICIES.values() for key in rule.params})
+
+
+def first_exit_read(policy: Policy, num_layers: int) -> int:
+    """The first layer (1-based) whose exit the policy needs; the runner skips exit heads and policy before it."""
+    reads = POLICIES[policy.name].reads
+    if reads == "last":
+        return num_layers
+    if reads == "layer":
+        layer = policy.params["layer"]
+        return layer if layer >= policy.min_layer else num_layers
+    if reads == "own":
+        return policy.min_layer
+    return 1
+
+
+def policy_step(
+    policy: Policy,
+    logits: torch.Tensor,
+    state: PolicyState,
+    layer: int,
+    num_layers: int,
+    multi_label: bool = False,
+    labels: torch.Tensor | None = None,
+) -> StepOutput:
+    """Apply one layer's exit logits [B, C] for the rows still running; `layer` counts from 1.
+
+    `labels` (class index [B], or multi-hot [B, C] for multi-label) is needed by `oracle` only.
+    """
+    probs = layer_probs(logits, multi_label)
+    entropy = normalised_entropy(probs, multi_label)
+    signals = Signals(probs, entropy, state, layer, multi_label, labels)
+    decision = POLICIES[policy.name].rule(policy.params, signals)
+    fire = decision.fire & (layer >= policy.min_layer)
+    exit_mask = fire | (layer >= num_layers)
+    return StepOutput(exit_mask, decision.state, decision.output, entropy)

@@ -1,0 +1,1 @@
+"""Measuring policies on labelled data: task metrics, average exit layer and engine throughput."""

@@ -1,0 +1,39 @@
+"""Task metrics for evaluation and calibration (docs/design.md, "Commands")."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+
+def example_f1(gold: np.ndarray, pred: np.ndarray) -> float:
+    """Mean over examples of 2|P∩G| / (|P| + |G|); an example with both sets empty scores 1."""
+    overlap = (gold & pred).sum(1)
+    sizes = gold.sum(1) + pred.sum(1)
+    scores = np.where(sizes == 0, 1.0, 2.0 * overlap / np.maximum(sizes, 1))
+    return float(scores.mean())
+
+
+def task_metrics(
+    task: str, gold, pred, labels: list[str], negative_label: str | None = None
+) -> dict[str, float]:
+    """accuracy and macro-F1; relation extraction adds micro-F1 without the negative class; multi-label adds
+    example-F1 and micro-F1 (accuracy is then exact set match)."""
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    if task == "multi-label":
+        gold, pred = gold.astype(bool), pred.astype(bool)
+        return {
+            "accuracy": float((gold == pred).all(1).mean()),
+            "example_f1": example_f1(gold, pred),
+            "micro_f1": float(f1_score(gold, pred, average="micro", zero_division=0)),
+            "macro_f1": float(f1_score(gold, pred, average="macro", zero_division=0)),
+        }
+    all_classes = list(range(len(labels)))
+    result = {
+        "accuracy": float((gold == pred).mean()),
+        "macro_f1": float(f1_score(gold, pred, labels=all_classes, average="macro", zero_division=0)),
+    }
+    if task == "relation-extraction":
+        positive = [i for i, label in enumerate(labels) if label != negative_label]
+        result["micro_f1"] = float(f1_score(gold, pred, labels=positive, average="micro", zero_division=0))
+    return result

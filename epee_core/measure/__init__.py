@@ -1,0 +1,1 @@
+"""Measurement tools: engine benchmarks, performance and results reports, Locust load tests, soaks, plots."""

@@ -1,0 +1,1 @@
+"""Running models on TorchServe: `.mar` packaging, the server launcher, the management client, the demo."""

@@ -1,0 +1,106 @@
+"""The `epee:` section of a TorchServe model YAML: the policy a model serves with and the handler's limits
+(docs/design.md, "Serving configuration")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
+from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
+
+SERVE_KEYS = {
+    "task": str,
+    "policy": str,
+    "max_length": int,
+    "allow_request_override": bool,
+    "max_body_bytes": int,
+    "max_text_chars": int,
+    "max_image_pixels": int,
+    "num_threads": int,
+    "log_inputs": bool,
+}
+
+
+@dataclass
+class ServeConfig:
+    """The `epee:` section of a model YAML: which policy to run and the limits of the serving handler.
+
+    Parameters of several policies may sit side by side (so a request may switch policy); the default policy
+    takes the ones it uses.
+    """
+
+    task: str | None = None
+    policy: Policy = field(default_factory=lambda: make_policy("epee"))
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    max_length: int | None = None
+    allow_request_override: bool = True
+    max_body_bytes: int = 1_000_000
+    max_text_chars: int = 20_000
+    max_image_pixels: int = 4096 * 4096  # image-classification: width × height, checked before decoding
+    num_threads: int | None = None
+    log_inputs: bool = False  # debugging on synthetic data only: writes request bodies to the logs (PHI!)
+
+    @classmethod
+    def from_section(
+        cls, section: Mapping[str, Any] | None, source: str = "model YAML 'epee:'"
+    ) -> ServeConfig:
+        section = dict(section or {})
+        settings: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for key, value in section.items():
+            if key in SERVE_KEYS:
+                settings[key] = check_type(value, key, SERVE_KEYS[key], source)
+            elif key in ALL_PARAM_KEYS:
+                params[key] = value
+            else:
+                allowed = ", ".join(sorted(set(SERVE_KEYS) | ALL_PARAM_KEYS))
+                raise ConfigError(f"{source}: unknown key '{key}' (expected one of: {allowed})")
+        task = settings.get("task")
+        if task is not None and task not in TASKS:
+            raise ConfigError(f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
+        for key in ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads"):
+            if key in settings and settings[key] < 1:
+                raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")
+        try:
+            policy = make_policy(settings.pop("policy", "epee"), params, strict=False)
+            for name in SERVABLE_POLICIES:  # a request may switch to any of them: check every value now
+                make_policy(name, params, strict=False)
+        except PolicyError as error:
+            raise ConfigError(f"{source}: {error}") from None
+        return cls(policy=policy, policy_params=params, **settings)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        """Read the `epee:` section of a model YAML file."""
+        data = read_yaml(path)
+        if "epee" not in data:
+            raise ConfigError(f"{path}: no 'epee:' section")
+        return cls.from_section(data["epee"], source=f"{path} 'epee:'")
+
+    def check_model(self, spec: ModelSpec, source: str, model: str = "the model") -> None:
+        """ConfigError unless this section can serve `spec`: the same task, a policy within its layers."""
+        if self.task is not None and self.task != spec.task:
+            raise ConfigError(
+                f"{source}: 'task' is {self.task} but {model} is a {spec.task} model "
+                f"(a YAML for task '{self.task}' cannot serve it)"
+            )
+        try:
+            self.policy.check_layers(spec.num_layers)
+        except PolicyError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+    def policy_for(self, override: Mapping[str, Any] | None) -> Policy:
+        """The policy a request asks for (`{"policy": name, ...params}`), else the configured one."""
+        if not override:
+            return self.policy
+        override = dict(override)
+        name = override.pop("policy", self.policy.name)
+        if not isinstance(name, str):
+            raise PolicyError(f"'policy' must be a string, got {name!r}")
+        if name in POLICIES and not POLICIES[name].servable:
+            raise PolicyError(f"policy '{name}' needs gold labels and cannot be served")
+        base = make_policy(name, self.policy_params, strict=False).params
+        return make_policy(name, {**base, **override}, strict=True) if override else make_policy(name, base)
