@@ -36,9 +36,11 @@ with the statistic centred at the budget, so bound ≤ ε exactly when the test 
 Selection (`certify`): fixed-sequence testing over candidates in an order fixed before the test rows are
 seen, safest first; every null rejected before the first failure is certified, family-wise at level δ, so
 any of them may be picked: the fastest is. `selection_from_cache` makes that order valid by splitting the dev
-rows (Pareto Testing, Laufer-Goldshtein et al. 2023): on the ordering rows the candidates are reduced to their
-risk/cost Pareto frontier, safest (slowest) first, which also combines all policy families in one sequence
-with no Bonferroni split; the test rows only test. Nothing certified → None: the caller serves `full`, whose
+rows (Pareto Testing, Laufer-Goldshtein et al. 2023): on the ordering rows each candidate gets a pessimistic
+risk (mean + z_{1−δ} standard errors), the candidates are reduced to their score/cost Pareto frontier, safest
+(slowest) first, which also puts all policy families in one sequence with no Bonferroni split; the test rows
+only test. (Ordering by the plain mean let one noisy setting, e.g. `static` at a late layer, head the sequence
+and stop it.) Nothing certified → None: the caller serves `full`, whose
 risk is 0 by definition.
 """
 
@@ -357,13 +359,24 @@ def split_rows(num_rows: int, order_fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-def risk_path(risks: np.ndarray, costs: np.ndarray, num_layers: float) -> list[int]:
-    """Indices of the risk/cost Pareto frontier among settings cheaper than full depth, safest (costliest) first:
-    walking from the cheapest, keep a setting only if its risk is below every cheaper kept one's."""
-    cheaper = (i for i in range(len(risks)) if costs[i] < num_layers)
+def order_scores(order_losses: np.ndarray, num_test: int, delta: float) -> np.ndarray:
+    """Pessimistic risk per setting from the ordering rows [S, n_order]: the mean plus z_{1−δ} standard errors of
+    both the ordering mean and the coming test mean, so noisy settings (few rows, many discordant pairs) go
+    later in the sequence, where their failure costs nothing."""
+    num_order = order_losses.shape[1]
+    mean = order_losses.mean(axis=1)
+    variance = np.maximum((order_losses != 0).mean(axis=1) - mean**2, 1.0 / num_order)
+    spread = 1 / np.sqrt(num_order) + 1 / np.sqrt(num_test)
+    return mean + stats.norm.ppf(1 - delta) * np.sqrt(variance) * spread
+
+
+def risk_path(scores: np.ndarray, costs: np.ndarray, num_layers: float) -> list[int]:
+    """Indices of the score/cost Pareto frontier among settings cheaper than full depth, safest (costliest)
+    first: walking from the cheapest, keep a setting only if its score is below every cheaper kept one's."""
+    cheaper = (i for i in range(len(scores)) if costs[i] < num_layers)
     frontier: list[int] = []
-    for index in sorted(cheaper, key=lambda i: (costs[i], risks[i], i)):
-        if not frontier or risks[index] < risks[frontier[-1]]:
+    for index in sorted(cheaper, key=lambda i: (costs[i], scores[i], i)):
+        if not frontier or scores[index] < scores[frontier[-1]]:
             frontier.append(index)
     return frontier[::-1]
 
@@ -383,15 +396,16 @@ def selection_from_cache(
     names: Sequence[str] | None = None,
 ) -> Selection:
     """Certified choice among replayed settings. Per setting: predictions over all dev rows ([N] class indices
-    or [N, C] bool) and 1-based exit layers [N]. The Pareto path is built on `order_rows`, tested on
-    `test_rows` (disjoint), and the fastest certified setting by average exit layer over all rows wins."""
+    or [N, C] bool) and 1-based exit layers [N]. The path (`order_scores`, `risk_path`) is built on
+    `order_rows` only and tested on `test_rows` (disjoint); the fastest certified setting by average exit layer
+    over all rows wins (any certified one may be picked, by any rule)."""
     order_rows, test_rows = np.asarray(order_rows), np.asarray(test_rows)
     if np.intersect1d(order_rows, test_rows).size:
         raise ValueError("ordering rows and test rows must be disjoint")
     losses = [paired_losses(p, full_predictions, labels, guarantee) for p in predictions]
     exits = [np.asarray(e, dtype=float) for e in exit_layers]
-    risks = np.array([loss[order_rows].mean() for loss in losses])
-    path = risk_path(risks, np.array([e[order_rows].mean() for e in exits]), num_layers)
+    scores = order_scores(np.stack([loss[order_rows] for loss in losses]), test_rows.size, delta)
+    path = risk_path(scores, np.array([e[order_rows].mean() for e in exits]), num_layers)
     names = list(names) if names is not None else [f"setting {i}" for i in range(len(losses))]
     result = certify(
         path,
