@@ -57,7 +57,7 @@ ACCURACY_METHODS = ("exact", "union")
 GAMMA = 1e-3  # nuisance confidence level of the `exact` test (added to its p-value)
 _CELLS = 64  # grid cells over the nuisance rate b
 _TAIL = 1e-8  # mass of M = N₊ + N₋ beyond which the sums stop (the exact dropped mass is added back)
-_BISECT = 60
+_BISECT = 40  # bisection steps of the union p-value (on log δ over [-40, 0])
 _RESOLUTION = 1e-5  # of the reported exact bound (rounded up)
 
 
@@ -294,6 +294,8 @@ def certify(
     `names` (default `str(setting)`) are for the reason only."""
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if guarantee == "accuracy" and method == "exact" and delta <= GAMMA:
+        raise ValueError(f"delta must exceed {GAMMA} with the exact bound (or use method='union')")
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
     if len(settings) != len(losses_per_setting):
