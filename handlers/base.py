@@ -1,9 +1,10 @@
 """The shared TorchServe handler: base_handler's life cycle around an `epee_core` service.
 
-initialize → read and validate the model YAML's `epee:` section, load the model directory from the archive;
-preprocess → the service decodes and validates each request on its own; inference → the service runs the valid
-requests through the engine (grouped by policy, failures isolated per request); postprocess → answers, per-request
-status, batch headers, request log lines and metrics. `handle` keeps anything that still escapes from failing the
+initialize → read and validate the model YAML's `epee:` section, load the model directory from the archive onto
+the worker's device (`cuda:{gpu_id}` when TorchServe gives the worker a GPU and CUDA is there, else the CPU);
+preprocess → the service decodes and validates each request on its own (plain or Open Inference Protocol);
+inference → the service runs the valid requests through the engine (grouped by policy, failures isolated per
+request); postprocess → answers, per-request status, batch headers, request log lines and metrics. `handle` keeps anything that still escapes from failing the
 batch inside TorchServe. Subclasses pick the service.
 """
 
@@ -65,16 +66,21 @@ class EarlyExitHandler(BaseHandler):
         )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        device, dtype = config.placement(context.system_properties.get("gpu_id"))
         model_dir = Path(context.system_properties["model_dir"]) / ARCHIVE_MODEL_DIR
-        self.service = self.service_class(EarlyExitModel.from_pretrained(model_dir), config)
+        model = EarlyExitModel.from_pretrained(model_dir, device=device, dtype=dtype)
+        version = (self.manifest or {}).get("model", {}).get("modelVersion")
+        self.service = self.service_class(model, config, model_name=context.model_name, model_version=version)
         self.initialized = True
         spec = self.service.spec
         logger.info(
-            "epee: %s %s, %d layers, policy %s, %d torch threads, engine %s",
+            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, %d torch threads, engine %s",
             context.model_name,
             spec.task,
             spec.num_layers,
             config.policy.describe(),
+            model.device,
+            str(model.dtype).removeprefix("torch."),
             torch.get_num_threads(),
             Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
         )
@@ -96,7 +102,8 @@ class EarlyExitHandler(BaseHandler):
     def preprocess(self, data: list) -> list:
         self.rows = data
         headers = [self.context.get_all_request_header(index) for index in range(len(data))]
-        return self.service.preprocess(data, headers)
+        request_ids = [self.context.get_request_id(index) for index in range(len(data))]
+        return self.service.preprocess(data, headers, request_ids)
 
     def inference(self, decoded: list, *args, **kwargs) -> list:
         started = time.perf_counter()
@@ -138,7 +145,8 @@ class EarlyExitHandler(BaseHandler):
             )
 
     def record_metrics(self, answers: list[Answer]) -> None:
-        """Per request: a counter per exit layer (and policy), layers run and layers saved; one batch count."""
+        """Per row answered: a counter per exit layer (and policy), layers run and layers saved; one batch count
+        (its size in requests)."""
         metrics, model = self.context.metrics, self.context.model_name
         base = [Dimension("ModelName", model), Dimension("Level", "Model")]
         num_layers = self.service.spec.num_layers
@@ -150,14 +158,13 @@ class EarlyExitHandler(BaseHandler):
                     Dimension("ErrorType", answer.failure),
                 ]
                 metrics.add_counter(ISOLATED_METRIC, 1, dimensions=failure_dims)
-            if answer.exit_layer is None:
-                continue
-            exit_dims = [
-                *base,
-                Dimension("Policy", answer.policy),
-                Dimension("ExitLayer", str(answer.exit_layer)),
-            ]
-            metrics.add_counter(EXIT_LAYER_METRIC, 1, dimensions=exit_dims)
-            metrics.add_counter(LAYERS_RUN_METRIC, answer.exit_layer, dimensions=list(base))
-            metrics.add_counter(LAYERS_SAVED_METRIC, num_layers - answer.exit_layer, dimensions=list(base))
+            for exit_layer in answer.row_exit_layers:  # one per row (an inference request may hold several)
+                exit_dims = [
+                    *base,
+                    Dimension("Policy", answer.policy),
+                    Dimension("ExitLayer", str(exit_layer)),
+                ]
+                metrics.add_counter(EXIT_LAYER_METRIC, 1, dimensions=exit_dims)
+                metrics.add_counter(LAYERS_RUN_METRIC, exit_layer, dimensions=list(base))
+                metrics.add_counter(LAYERS_SAVED_METRIC, num_layers - exit_layer, dimensions=list(base))
         metrics.add_counter(BATCH_METRIC, 1, dimensions=[*base, Dimension("BatchSize", str(len(answers)))])

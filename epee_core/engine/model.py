@@ -91,6 +91,16 @@ class EarlyExitModel(nn.Module):
     def multi_label(self) -> bool:
         return self.spec.multi_label
 
+    @property
+    def device(self) -> torch.device:
+        """The device the weights live on; the runner allocates everything it makes there too."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the weights (float32 unless loaded with another `dtype`)."""
+        return next(self.parameters()).dtype
+
     def encode_examples(self, examples: list[Example] | list[ImageExample]) -> dict[str, torch.Tensor]:
         """Model inputs for a batch: right-padded tokens for text tasks, `pixel_values` for images."""
         if self.spec.task == "image-classification":
@@ -122,8 +132,14 @@ class EarlyExitModel(nn.Module):
         self.spec.save(directory / SPEC_FILE)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> EarlyExitModel:
-        """Load a model directory written by `save_pretrained`; errors name the missing or bad file."""
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> EarlyExitModel:
+        """Load a model directory written by `save_pretrained`, on `device` (weights in `dtype`, default as
+        saved: float32); errors name the missing or bad file."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ConfigError(f"{directory}: model directory not found")
@@ -150,4 +166,4 @@ class EarlyExitModel(nn.Module):
             raise ConfigError(
                 f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
             ) from None
-        return model.eval()
+        return model.to(device=device, dtype=dtype).eval()

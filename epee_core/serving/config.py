@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
 from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
@@ -21,7 +24,12 @@ SERVE_KEYS = {
     "max_image_pixels": int,
     "num_threads": int,
     "log_inputs": bool,
+    "max_rows_per_request": int,
+    "dtype": str,
 }
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +50,8 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096  # image-classification: width × height, checked before decoding
     num_threads: int | None = None
     log_inputs: bool = False  # debugging on synthetic data only: writes request bodies to the logs (PHI!)
+    max_rows_per_request: int = 64  # rows of one Open Inference Protocol request
+    dtype: str | None = None  # weights on a GPU: float16, bfloat16 or float32 (CPU always runs float32)
 
     @classmethod
     def from_section(
@@ -61,7 +71,12 @@ class ServeConfig:
         task = settings.get("task")
         if task is not None and task not in TASKS:
             raise ConfigError(f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
-        for key in ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads"):
+        dtype = settings.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
+                    "max_rows_per_request")  # fmt: skip
+        for key in positive:
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")
         try:
@@ -91,6 +106,24 @@ class ServeConfig:
             self.policy.check_layers(spec.num_layers)
         except PolicyError as error:
             raise ConfigError(f"{source}: {error}") from None
+
+    def placement(self, gpu_id: Any, cuda_available: bool | None = None) -> tuple[torch.device, torch.dtype]:
+        """Where a worker puts the model and in which dtype.
+
+        `cuda:{gpu_id}` when TorchServe assigned the worker a GPU (`gpu_id` in its system properties) and CUDA is
+        available, else the CPU. `dtype` applies on a GPU; on the CPU a half precision (`float16`, `bfloat16`)
+        is ignored with a warning and the model runs in float32, so one archive serves CPU and GPU replicas.
+        """
+        if cuda_available is None:
+            cuda_available = torch.cuda.is_available()
+        device = torch.device("cpu")
+        if gpu_id is not None and cuda_available:
+            device = torch.device("cuda", int(gpu_id))
+        dtype = DTYPES[self.dtype or "float32"]
+        if device.type == "cpu" and dtype != torch.float32:
+            logger.warning("epee: dtype %s needs a GPU; this worker runs on the CPU in float32", self.dtype)
+            dtype = torch.float32
+        return device, dtype
 
     def policy_for(self, override: Mapping[str, Any] | None) -> Policy:
         """The policy a request asks for (`{"policy": name, ...params}`), else the configured one."""

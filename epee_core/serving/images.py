@@ -106,8 +106,10 @@ def _json_fields(payload: Any) -> dict[str, Any]:
 class ImageService(EarlyExitService):
     """image-classification: raw PNG/JPEG bytes, or JSON `{"image": "<base64>"}` with an optional `"epee"`."""
 
-    def __init__(self, model: EarlyExitModel, config: ServeConfig):
-        super().__init__(model, config)
+    oip_inputs = ("image",)  # an Open Inference Protocol request: BYTES rows of base64 PNG/JPEG
+
+    def __init__(self, model: EarlyExitModel, config: ServeConfig, **identity: Any):
+        super().__init__(model, config, **identity)
         if model.image_processor is None or model.spec.num_channels is None:
             raise ConfigError(f"task '{model.spec.task}' needs an image processor in the model directory")
         self.transform = image_transform(model.image_processor, model.spec.num_channels)
@@ -115,7 +117,7 @@ class ImageService(EarlyExitService):
     def decode(self, payload: Any, headers: Mapping[str, Any]) -> ServeRequest:
         if isinstance(payload, (bytes, bytearray)) and not _is_json(payload):
             image = decode_image(bytes(payload), self.config.max_image_pixels)
-            return ServeRequest(image, self.request_policy(None, headers))
+            return ServeRequest([image], self.request_policy(None, headers))
         fields = _json_fields(payload)
         unknown = sorted(key for key in fields if key not in IMAGE_FIELDS)
         if unknown:
@@ -123,10 +125,13 @@ class ImageService(EarlyExitService):
                 400,
                 f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(IMAGE_FIELDS)})",
             )
+        return ServeRequest([self.decode_row(fields)], self.request_policy(fields.get("epee"), headers))
+
+    def decode_row(self, fields: Mapping[str, Any]) -> torch.Tensor:
+        """The image of one row: `image` as base64 (or a data URL), checked before and while decoding."""
         if "image" not in fields:
             raise RequestError(400, "missing field 'image'")
-        image = decode_image(decode_base64(fields["image"]), self.config.max_image_pixels)
-        return ServeRequest(image, self.request_policy(fields.get("epee"), headers))
+        return decode_image(decode_base64(fields["image"]), self.config.max_image_pixels)
 
     def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
         return encode_images(self.transform, model_inputs)

@@ -32,7 +32,12 @@ def request_line(
     num_layers: int,
 ) -> str:
     """One log line per request, free of request content."""
-    if answer.exit_layer is not None:
+    if answer.exit_layers is not None:
+        layers = ",".join(str(layer) for layer in answer.exit_layers)
+        outcome = (
+            f"{len(answer.exit_layers)} rows, exit layers {layers} of {num_layers}, policy {answer.policy}"
+        )
+    elif answer.exit_layer is not None:
         outcome = f"exit layer {answer.exit_layer} of {num_layers}, policy {answer.policy}"
     elif answer.failure is not None:
         outcome = f"failed alone ({answer.failure})"

@@ -5,10 +5,15 @@
 server; the TorchServe handlers only move rows in and answers out. A batch is *grouped* by policy: one engine call
 per distinct policy, never one per request.
 
+A request holds one row (a plain `{"text": ...}` request, an image) or several (an Open Inference Protocol request,
+`oip.py`, with n rows per input): every row of every request of a batch goes into the same engine call for its
+policy, and each request gets its rows back in its own answer.
+
 Fault isolation: no failure while handling one request may fail another. A request that cannot be served gets its
 own 4xx `{"error": ...}` from validation; should an engine call raise anyway, its group is split in halves and
 run again until the culprit is alone, so only that request fails (`Answer.failure` names the exception type) and
-its batch-mates get the answers they would get alone.
+its batch-mates get the answers they would get alone. The unit is the request: a bad row of a multi-row request
+fails that whole request (its answer names the row), never a batch-mate.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from ..engine.model import EarlyExitModel
 from ..engine.policies import Policy, PolicyError
 from ..engine.runner import run_bucketed
 from ..engine.spec import ConfigError
+from . import oip
 from .config import ServeConfig
 
 ARCHIVE_MODEL_DIR = "model"  # where `epee package` puts the model directory inside a .mar
 POLICY_HEADER = "X-EPEE-Policy"
 TEXT_FIELDS = ("text", "epee")
 RELATION_FIELDS = ("text", "head", "tail", "epee")
+RELATION_INPUTS = ("text", "head", "tail")
 PROBABILITY_DECIMALS = 6
 
 
@@ -50,15 +57,24 @@ INPUT_FAULTS = (UnicodeError, TypeError, ValueError, OverflowError, IndexError, 
 
 @dataclass
 class ServeRequest:
-    """One decoded request: what the model reads (text with entity markers, or an image tensor) and its policy."""
+    """One decoded request: what the model reads, one input per row (text with entity markers, or an image
+    tensor), and its policy; `oip` is set for an Open Inference Protocol request (answered in that form)."""
 
-    model_input: Any
+    model_inputs: list[Any]
     policy: Policy
+    oip: oip.OipRequest | None = None
+
+    @property
+    def model_input(self) -> Any:
+        """The input of a one-row request."""
+        if len(self.model_inputs) != 1:
+            raise ValueError(f"a request of {len(self.model_inputs)} rows has no single model input")
+        return self.model_inputs[0]
 
 
 @dataclass
 class Prediction:
-    """The engine's outcome for one request: its exit distribution, exit layer and entropy."""
+    """The engine's outcome for one row: its exit distribution, exit layer and entropy."""
 
     probs: list[float]
     exit_layer: int
@@ -67,17 +83,34 @@ class Prediction:
 
 
 @dataclass
+class Served:
+    """The engine's outcome for one request: a prediction per row, in the request's order."""
+
+    request: ServeRequest
+    rows: list[Prediction]
+
+
+@dataclass
 class Answer:
     """The reply to one request: HTTP status, the JSON body, and what the handler logs and counts.
 
-    `exit_layer` and `policy` are set on success; `failure` names the exception type when a request was isolated
-    after its engine call failed (the body then says so without quoting anything of the request)."""
+    `exit_layer` and `policy` are set on success (`exit_layers` too, one per row, for a multi-row request, whose
+    `exit_layer` is its deepest row's); `failure` names the exception type when a request was isolated after its
+    engine call failed (the body then says so without quoting anything of the request)."""
 
     status: int
     body: dict[str, Any]
     exit_layer: int | None = None
     policy: str | None = None
     failure: str | None = None
+    exit_layers: list[int] | None = None
+
+    @property
+    def row_exit_layers(self) -> list[int]:
+        """The exit layer of every row answered (none for a refusal)."""
+        if self.exit_layers is not None:
+            return list(self.exit_layers)
+        return [] if self.exit_layer is None else [self.exit_layer]
 
 
 def failure_answer(error: BaseException) -> Answer:
@@ -192,14 +225,52 @@ class EarlyExitService:
     batch of tensors (`encode_inputs`); the text service is below, an image service can follow the same shape.
     """
 
-    def __init__(self, model: EarlyExitModel, config: ServeConfig):
+    # the inputs of an Open Inference Protocol request, all required (subclasses say which)
+    oip_inputs: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: EarlyExitModel,
+        config: ServeConfig,
+        model_name: str = "model",
+        model_version: str | None = None,
+    ):
         config.check_model(model.spec, "model YAML 'epee:'")
         self.model = model.eval()
         self.config = config
         self.spec = model.spec
+        self.model_name = model_name  # what an Open Inference Protocol answer names
+        self.model_version = model_version
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives: engine inputs are moved there before each call."""
+        return self.model.device
 
     def decode(self, payload: Any, headers: Mapping[str, Any]) -> ServeRequest:
         raise NotImplementedError
+
+    def decode_row(self, fields: Mapping[str, Any]) -> Any:
+        """The model input of one row given as fields (input name → value); raises RequestError."""
+        raise NotImplementedError
+
+    def decode_oip(
+        self, body: Mapping[str, Any], headers: Mapping[str, Any], request_id: str | None = None
+    ) -> ServeRequest:
+        """An Open Inference Protocol request: the protocol checked by `oip.decode_request`, then every row as a
+        plain request's fields are; a bad row refuses the request, naming the row."""
+        try:
+            request = oip.decode_request(body, self.oip_inputs, self.spec.multi_label,
+                                         self.config.max_rows_per_request, request_id)  # fmt: skip
+        except oip.OipError as error:
+            raise RequestError(error.status, error.message) from None
+        inputs = []
+        for number, fields in enumerate(request.rows):
+            try:
+                inputs.append(self.decode_row(fields))
+            except RequestError as error:
+                raise RequestError(error.status, f"row {number}: {error.message}") from None
+        return ServeRequest(inputs, self.request_policy(request.override, headers), request)
 
     def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -227,23 +298,37 @@ class EarlyExitService:
         return policy
 
     def preprocess(
-        self, rows: Sequence[Any], headers: Sequence[Mapping[str, Any]]
+        self,
+        rows: Sequence[Any],
+        headers: Sequence[Mapping[str, Any]],
+        request_ids: Sequence[str | None] | None = None,
     ) -> list[ServeRequest | Answer]:
-        """Decode and validate every request on its own; one that cannot be served becomes its own Answer."""
+        """Decode and validate every request on its own; one that cannot be served becomes its own Answer.
+
+        A JSON object with an `inputs` field is an Open Inference Protocol request; `request_ids` (the server's
+        ids) answer those that send no `id` of their own."""
         decoded: list[ServeRequest | Answer] = []
-        for row, request_headers in zip(rows, headers):
+        for number, (row, request_headers) in enumerate(zip(rows, headers)):
             try:
+                if _header(request_headers, oip.BINARY_HEADER) is not None:
+                    raise RequestError(400, oip.BINARY_HINT)
                 payload = request_payload(row, request_headers, self.config.max_body_bytes)
-                decoded.append(self.decode(payload, request_headers))
+                body = oip.oip_body(payload)
+                if body is None:
+                    decoded.append(self.decode(payload, request_headers))
+                else:
+                    request_id = request_ids[number] if request_ids else None
+                    decoded.append(self.decode_oip(body, request_headers, request_id))
             except RequestError as error:
                 decoded.append(Answer(error.status, {"error": error.message}))
             except Exception as error:  # a decoding fault stays with its own request
                 decoded.append(failure_answer(error))
         return decoded
 
-    def inference(self, decoded: Sequence[ServeRequest | Answer]) -> list[Prediction | Answer]:
-        """Run the valid requests, one engine call per distinct policy; refusals pass through in place."""
-        outcomes: list[Prediction | Answer] = [item for item in decoded]  # type: ignore[misc]
+    def inference(self, decoded: Sequence[ServeRequest | Answer]) -> list[Served | Answer]:
+        """Run the valid requests, one engine call per distinct policy over all their rows; refusals pass through
+        in place."""
+        outcomes: list[Served | Answer] = [item for item in decoded]  # type: ignore[misc]
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(decoded):
             if isinstance(item, ServeRequest):
@@ -255,12 +340,14 @@ class EarlyExitService:
                 outcomes[index] = outcome
         return outcomes
 
-    def _run_isolated(self, requests: list[ServeRequest]) -> list[Prediction | Answer]:
-        """One engine call for requests that share a policy; if it raises, the halves run again on their own,
-        down to the single request that fails, so a failure never reaches a batch-mate."""
+    def _run_isolated(self, requests: list[ServeRequest]) -> list[Served | Answer]:
+        """One engine call for the rows of requests that share a policy; if it raises, the halves run again on
+        their own, down to the single request that fails, so a failure never reaches a batch-mate."""
         policy = requests[0].policy
         try:
-            result = run_bucketed(self.model, self.encode_inputs([r.model_input for r in requests]), policy)
+            encoded = self.encode_inputs([row for request in requests for row in request.model_inputs])
+            device = self.device
+            result = run_bucketed(self.model, {name: t.to(device) for name, t in encoded.items()}, policy)
         except Exception as error:
             if len(requests) == 1:
                 return [failure_answer(error)]
@@ -271,17 +358,44 @@ class EarlyExitService:
             result.exit_layer.tolist(),
             result.entropy.tolist(),
         )
-        return [
-            Prediction(probs[row], exit_layers[row], entropies[row], policy) for row in range(len(requests))
-        ]
+        served, start = [], 0
+        for request in requests:
+            end = start + len(request.model_inputs)
+            rows = [
+                Prediction(probs[row], exit_layers[row], entropies[row], policy) for row in range(start, end)
+            ]
+            served.append(Served(request, rows))
+            start = end
+        return served
 
-    def postprocess(self, outcomes: Sequence[Prediction | Answer]) -> list[Answer]:
-        """Every outcome as an answer: predictions become the JSON body of docs/design.md, refusals stay."""
-        return [self.encode(outcome) if isinstance(outcome, Prediction) else outcome for outcome in outcomes]
+    def postprocess(self, outcomes: Sequence[Served | Answer]) -> list[Answer]:
+        """Every outcome as an answer: a plain request's prediction becomes the JSON body of docs/design.md, an
+        Open Inference Protocol request's rows its inference response; refusals stay."""
+        answers = []
+        for outcome in outcomes:
+            if not isinstance(outcome, Served):
+                answers.append(outcome)
+            elif outcome.request.oip is None:
+                answers.append(self.encode(outcome.rows[0]))
+            else:
+                answers.append(self.encode_oip(outcome.request.oip, outcome.rows))
+        return answers
 
-    def answer(self, rows: Sequence[Any], headers: Sequence[Mapping[str, Any]]) -> list[Answer]:
-        """A whole batch through the life cycle: one Answer per row, in order."""
-        return self.postprocess(self.inference(self.preprocess(rows, headers)))
+    def answer(
+        self,
+        rows: Sequence[Any],
+        headers: Sequence[Mapping[str, Any]],
+        request_ids: Sequence[str | None] | None = None,
+    ) -> list[Answer]:
+        """A whole batch through the life cycle: one Answer per request, in order."""
+        return self.postprocess(self.inference(self.preprocess(rows, headers, request_ids)))
+
+    def encode_oip(self, request: oip.OipRequest, rows: list[Prediction]) -> Answer:
+        outcomes = [oip.RowOutcome(row.probs, row.exit_layer, row.entropy, row.policy.name) for row in rows]
+        body = oip.encode_response(request, outcomes, self.spec.labels, self.spec.multi_label,
+                                   self.model_name, self.model_version)  # fmt: skip
+        layers = [row.exit_layer for row in rows]
+        return Answer(200, body, max(layers), rows[0].policy.name, exit_layers=layers)
 
     def encode(self, prediction: Prediction) -> Answer:
         labels, probs = self.spec.labels, prediction.probs
@@ -303,8 +417,9 @@ class EarlyExitService:
 class TextService(EarlyExitService):
     """text-classification, multi-label and relation-extraction: `{"text"}` (+ `"head"`, `"tail"`) or plain text."""
 
-    def __init__(self, model: EarlyExitModel, config: ServeConfig):
-        super().__init__(model, config)
+    def __init__(self, model: EarlyExitModel, config: ServeConfig, **identity: Any):
+        super().__init__(model, config, **identity)
+        self.oip_inputs = RELATION_INPUTS if model.spec.task == "relation-extraction" else ("text",)
         if model.tokenizer is None:
             raise ConfigError(f"task '{model.spec.task}' needs a tokenizer in the model directory")
         self.max_length = config.max_length or model.spec.max_length
@@ -319,16 +434,20 @@ class TextService(EarlyExitService):
                 400,
                 f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(allowed)})",
             )
+        return ServeRequest([self.decode_row(fields)], self.request_policy(fields.get("epee"), headers))
+
+    def decode_row(self, fields: Mapping[str, Any]) -> str:
+        """The text the tokenizer sees: `text` checked, with entity markers around `head` and `tail` for
+        relation extraction."""
         max_chars = self.config.max_text_chars
         example = Example(_text_field(fields, "text", max_chars))
-        if relation:
+        if self.spec.task == "relation-extraction":
             example.head = _text_field(fields, "head", max_chars)
             example.tail = _text_field(fields, "tail", max_chars)
         try:
-            text = model_text(example, self.spec.task)
+            return model_text(example, self.spec.task)
         except InputError as error:
             raise RequestError(400, str(error)) from None
-        return ServeRequest(text, self.request_policy(fields.get("epee"), headers))
 
     def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
         return encode_texts(self.model.tokenizer, model_inputs, self.max_length)
