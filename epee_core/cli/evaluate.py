@@ -93,6 +93,10 @@ def add_bench(commands) -> None:
     parser.add_argument(
         "--output-dir", help="where bench-MODEL-DATA.json/.md go (default load_tests/reports/<date>)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="weights' dtype (default float32)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_bench)
 
@@ -106,6 +110,23 @@ def parse_batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise CommandError(f"--batch-sizes expects positive integers, got {text!r}")
     return sizes
+
+
+def bench_placement(device_name: str, dtype_name: str | None):
+    """`--device` and `--dtype` as torch objects; a user error when CUDA is asked for and missing."""
+    import torch
+
+    from ..serving.config import DTYPES
+
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise CommandError(f"--device must be cpu, cuda or cuda:N, got {device_name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device_name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(f"--device must be cpu, cuda or cuda:N, got {device_name!r}")
+    return device, DTYPES[dtype_name or "float32"]
 
 
 def run_bench(args) -> None:
@@ -122,11 +143,13 @@ def run_bench(args) -> None:
     policies = policies_from_args(names, args.set, args.config)
     if len({policy.name for policy in policies}) != len(policies):
         raise PolicyError(f"--policies names a policy twice: {names}")
-    model = EarlyExitModel.from_pretrained(args.model)
+    device, dtype = bench_placement(args.device, args.dtype)
+    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype)
     examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
     threads = args.threads or (serve.num_threads if serve else None)
     report = bench.run_bench(model, examples, policies, batch_sizes, threads)
-    report = {"model": args.model, "data": args.data, "config": args.config, **report}
+    report = {"model": args.model, "data": args.data, "config": args.config, "device": str(device),
+              "dtype": str(model.dtype).removeprefix("torch."), **report}  # fmt: skip
     stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
     report["written"] = [str(json_path), str(markdown_path)]

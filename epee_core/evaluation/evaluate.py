@@ -19,14 +19,21 @@ from .metrics import task_metrics
 def prepare_batches(
     model: EarlyExitModel, examples: list[Example], batch_size: int
 ) -> list[tuple[dict, torch.Tensor]]:
-    """Tokenized batches with their gold labels, built once so every policy is timed on the same tensors."""
+    """Tokenized batches with their gold labels, built once so every policy is timed on the same tensors; both on
+    the model's device."""
     batches = []
+    device = model.device
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        batches.append(
-            (model.encode_examples(chunk), label_tensor(chunk, model.spec.labels, model.spec.task))
-        )
+        inputs = {name: tensor.to(device) for name, tensor in model.encode_examples(chunk).items()}
+        batches.append((inputs, label_tensor(chunk, model.spec.labels, model.spec.task).to(device)))
     return batches
+
+
+def _finish(device: torch.device) -> None:
+    """Wait for the device's queued work, so a batch's time is its whole run (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 WARMUP_BATCHES = 3
@@ -80,6 +87,7 @@ def evaluate_policies(
     are per-batch latencies.
     """
     model.eval()
+    device = model.device
     batches = prepare_batches(model, examples, batch_size)
     for policy in policies:
         for inputs, labels in batches[:WARMUP_BATCHES]:
@@ -94,10 +102,11 @@ def evaluate_policies(
             policy = policies[index]
             started = time.perf_counter()
             result = run_bucketed(model, inputs, policy, labels)
+            _finish(device)
             batch_seconds[index].append(time.perf_counter() - started)
-            predicted[index].append(result.predictions(model.multi_label))
-            exit_layers[index].append(result.exit_layer)
-    gold = torch.cat([labels for _, labels in batches])
+            predicted[index].append(result.predictions(model.multi_label).cpu())
+            exit_layers[index].append(result.exit_layer.cpu())
+    gold = torch.cat([labels.cpu() for _, labels in batches])
     results = [
         summarise(
             model,
