@@ -10,11 +10,14 @@ Users (weights: --text-weight / --relation-weight / --image-weight, or EPEE_*_WE
   --short-weight / --long-weight);
 - RelationUser: DDI drug pairs to --relation-model (off unless a relation-extraction model is named);
 - ImageUser: PneumoniaMNIST X-rays as PNG to --image-model (off unless an image model is named).
+Several replicas: --target-hosts URL,URL (EPEE_TARGET_HOSTS) spreads the users over them, each user keeping one
+host for its life (round robin, offset by the worker's index under --processes); -H stays the default host.
 Only http://127.0.0.1 is ever targeted: any other host is refused before a single request is sent.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -31,6 +34,8 @@ DEFAULT_DURATION_SECONDS = 120
 POLICY_HEADER = "X-EPEE-Policy"
 PAYLOADS: dict[str, list] = {}  # filled once at start-up from the data files
 AUTH: dict[str, str] = {}  # the Authorization header for TorchServe's inference API (token auth)
+TARGETS: list[str] = []  # --target-hosts: the replicas users are spread over (empty: -H only)
+NEXT_TARGET = itertools.count()
 
 logger = logging.getLogger("epee.load")
 
@@ -59,6 +64,9 @@ def add_arguments(parser) -> None:
     option("--wait-max", "EPEE_WAIT_MAX", 1.5, "think time between a user's requests: maximum s", float)
     option("--policy-override", "EPEE_POLICY_OVERRIDE", "", f"send {POLICY_HEADER}: NAME on every request")
     option("--key-file", "EPEE_KEY_FILE", "key_file.json", "TorchServe's key_file.json (inference key)")
+    option(
+        "--target-hosts", "EPEE_TARGET_HOSTS", "", "replicas to spread users over: URL,URL (127.0.0.1 only)"
+    )
 
 
 def refuse(message: str) -> None:
@@ -89,6 +97,10 @@ def configure(environment, **_kwargs) -> None:
     check_host(environment.host)
     for user_class in environment.user_classes:
         check_host(user_class.host or environment.host)
+    targets = [host.strip().rstrip("/") for host in options.target_hosts.split(",") if host.strip()]
+    for host in targets:
+        check_host(host)
+    TARGETS[:] = targets
     try:
         check_bounds(options.num_users or 1, options.run_time or DEFAULT_DURATION_SECONDS)
     except ValueError as error:
@@ -118,10 +130,11 @@ def configure(environment, **_kwargs) -> None:
         refuse(str(error))
     AUTH.update(inference_auth(options.key_file))
     logger.info(
-        "users: %s; payloads: %s; policy override: %s",
+        "users: %s; payloads: %s; policy override: %s; hosts: %s",
         ", ".join(f"{cls.__name__} (weight {cls.weight})" for cls in environment.user_classes),
         ", ".join(f"{kind} {len(items)}" for kind, items in PAYLOADS.items()),
         options.policy_override or "none",
+        ", ".join(TARGETS) or environment.host,
     )
 
 
@@ -129,6 +142,13 @@ class EpeeUser(HttpUser):
     """POSTs to /predictions/MODEL and fails any answer that is not a DESIGN §6 prediction."""
 
     abstract = True
+
+    def __init__(self, environment) -> None:
+        if TARGETS:  # one replica per user, round robin; workers start at their index so they spread too
+            offset = getattr(environment.runner, "worker_index", 0) or 0
+            self.host = TARGETS[(offset + next(NEXT_TARGET)) % len(TARGETS)]
+            check_host(self.host)
+        super().__init__(environment)
 
     def wait_time(self) -> float:
         options = self.environment.parsed_options

@@ -41,6 +41,19 @@ def add_loadtest(commands) -> None:
         "run", "one headless run against a running TorchServe, then the SLO gate (exit 2 if violated)"
     )
     run.add_argument("--host", default="http://127.0.0.1:8080", help="inference API (127.0.0.1 only)")
+    run.add_argument(
+        "--hosts",
+        default="",
+        metavar="URL,URL",
+        help="spread the users over these replicas (each user keeps one; 127.0.0.1 only; replaces --host). "
+        "Behind one address (a Kubernetes Service), give that address as --host instead",
+    )
+    run.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="Locust's --processes: a master and N worker processes in one command (default 0: one process)",
+    )
     run.add_argument("--text-model", default="", help="model for the text users (ADE + MTSamples)")
     run.add_argument("--relation-model", default="", help="model for the relation users (DDI)")
     run.add_argument("--image-model", default="", help="model for the image users (PneumoniaMNIST PNG)")
@@ -121,8 +134,11 @@ def loadtest_run(args, slo: str | None) -> dict:
     if not any(models.values()):
         raise CommandError("name a model: --text-model, --relation-model or --image-model")
     key_file = Path(args.key_file)
+    hosts = [host.strip().rstrip("/") for host in args.hosts.split(",") if host.strip()]
     run = LoadRun(
-        host=args.host,
+        host=hosts[0] if hosts else args.host,
+        hosts=hosts,
+        processes=args.processes,
         models={option: name for option, name in models.items() if name},
         peak_users=args.peak_users,
         duration=args.duration,

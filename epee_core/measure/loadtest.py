@@ -2,8 +2,13 @@
 comparison of EPEE and full depth on one real server.
 
 Locust runs as a subprocess (`locust -f load_tests/locustfile.py --headless ...`), so the engine never imports
-it; its output goes to a log file. Every run is bounded (peak users, duration, and a kill after a grace period)
-and only ever targets 127.0.0.1 (checked here and again by the locustfile).
+it; its output goes to a log file. Every run is bounded (peak users, duration, worker processes, hosts, and a kill
+of Locust and its workers after a grace period) and only ever targets 127.0.0.1 (checked here and again by the
+locustfile).
+
+Distributed runs: `processes` > 0 is Locust's own `--processes N`, a master and N worker processes in one command
+(the master binds its port on 127.0.0.1 only); `hosts` spreads the users over several replicas, each user keeping
+one host for its life (round robin, offset by the worker's index).
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import requests
 
 from .locust_stats import AGGREGATED, RunStats, check_slo, load_slo, read_stats
@@ -31,6 +38,8 @@ LOCUSTFILE = LOAD_TESTS_DIR / "locustfile.py"
 DEFAULT_SLO = LOAD_TESTS_DIR / "slo.yaml"
 LOCAL_HOST = "127.0.0.1"
 GRACE_SECONDS = 60  # a Locust run still alive this long after its shape ended is killed
+MAX_PROCESSES = 16  # worker processes of one distributed run
+MAX_HOSTS = 32  # replicas one run spreads its users over
 USER_KINDS = {  # task → the locustfile option naming the model its user class calls
     "text-classification": "--text-model",
     "multi-label": "--text-model",
@@ -48,6 +57,27 @@ def require_local(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme != "http" or parsed.hostname != LOCAL_HOST:
         raise LoadTestError(f"{url}: load tests only target http://{LOCAL_HOST}:PORT")
+
+
+def check_distribution(processes: int, hosts: list[str]) -> None:
+    """Refuse a distributed run out of bounds or aimed at anything but 127.0.0.1."""
+    if not 0 <= processes <= MAX_PROCESSES:
+        raise LoadTestError(
+            f"--processes must be between 0 (one process) and {MAX_PROCESSES}, got {processes}"
+        )
+    if len(hosts) > MAX_HOSTS:
+        raise LoadTestError(f"at most {MAX_HOSTS} hosts per run, got {len(hosts)}")
+    if len(set(hosts)) != len(hosts):
+        raise LoadTestError(f"a host is named twice: {', '.join(hosts)}")
+    for host in hosts:
+        require_local(host)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the Locust master of a distributed run)."""
+    with socket.socket() as probe:
+        probe.bind((LOCAL_HOST, 0))
+        return probe.getsockname()[1]
 
 
 def locust_executable() -> str:
@@ -73,6 +103,9 @@ class LoadRun:
     inference_key: str | None = None
     data_dir: str | None = None  # the locustfile's default: ../shared/data
     locustfile: Path = LOCUSTFILE
+    processes: int = 0  # > 0: Locust's --processes, a master and this many workers
+    hosts: list[str] = field(default_factory=list)  # replicas to spread users over (default: `host` alone)
+    master_port: int | None = None  # the master's port on 127.0.0.1 (default: a free one)
 
     @property
     def log_file(self) -> Path:
@@ -98,14 +131,26 @@ class LoadRun:
             "--only-summary",
             f"--policy-override={self.policy_override}",
             *([f"--data-dir={self.data_dir}"] if self.data_dir else []),
+            *([f"--target-hosts={','.join(self.hosts)}"] if self.hosts else []),
+            *self.distribution_args(),
             *model_args,
         ]  # fmt: skip
+
+    def distribution_args(self) -> list[str]:
+        """Locust's master + workers in one command; the master listens on 127.0.0.1 only."""
+        if not self.processes:
+            return []
+        port = str(self.master_port or free_port())
+        return ["--processes", str(self.processes), "--master-bind-host", LOCAL_HOST, "--master-bind-port", port,
+                "--master-host", LOCAL_HOST, "--master-port", port]  # fmt: skip
 
 
 def run_locust(run: LoadRun) -> int:
     """Run Locust to the end of its shape (output in `run.log_file`) and return its exit code (1 = some
-    requests failed). Killed after the grace period, and on Ctrl-C / any error here."""
+    requests failed). Killed after the grace period, and on Ctrl-C / any error here, with the workers of a
+    distributed run."""
     require_local(run.host)
+    check_distribution(run.processes, run.hosts)
     if not run.locustfile.is_file():
         raise LoadTestError(f"{run.locustfile}: locustfile not found (pass --locustfile)")
     run.prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -128,17 +173,33 @@ def run_locust(run: LoadRun) -> int:
                 f"Locust overran {run.duration} s + {GRACE_SECONDS} s; see {run.log_file}"
             ) from None
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            _stop_group(process)
     if code not in (0, 1) or not Path(f"{run.prefix}_stats.csv").is_file():
         tail = "\n".join(run.log_file.read_text(errors="replace").splitlines()[-8:])
         raise LoadTestError(f"Locust stopped with exit code {code}; see {run.log_file}:\n{tail}")
     return code
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Stop a Locust we started that is still running, and the worker processes it forked (a master that exits
+    by itself has already waited for its workers)."""
+    if process.poll() is not None:
+        return
+    try:
+        workers = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for worker in workers:  # psutil checks each is still the process we saw, not a reused pid
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 def default_report_dir() -> Path:
@@ -173,6 +234,8 @@ def gate(run: LoadRun, slo_path: str | Path | None) -> dict:
     run_locust(run)
     return {
         "host": run.host,
+        "hosts": run.hosts or [run.host],
+        "processes": run.processes,
         "models": run.models,
         "policy_override": run.policy_override or None,
         "peak_users": run.peak_users,
