@@ -2,6 +2,8 @@
 
 Requests: JSON `{"text": ...}` (relation extraction adds `"head"`, `"tail"`) or plain UTF-8 text; an optional
 `"epee": {"policy": "full"}` field or `X-EPEE-Policy` header overrides the policy (docs/design.md, "HTTP contract").
+Open Inference Protocol bodies (`POST /v2/models/{name}/infer`, n rows per request) are answered in that form
+(docs/oip.md).
 """
 
 from __future__ import annotations
