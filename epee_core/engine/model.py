@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from .backbones import BackboneAdapter, load_pretrained_backbone
-from .heads import ExitHeads
+from .heads import ExitHeads, pool
 from .inputs import (
     Example,
     ImageExample,
@@ -108,6 +108,13 @@ class EarlyExitModel(nn.Module):
             hidden = self.backbone.layer(index, hidden, bias)
             all_logits.append(self.exits(index, hidden, mask))
         return torch.stack(all_logits)
+
+    @torch.inference_mode()
+    def stock_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last exit's logits [B, C] from the plain Hugging Face forward over the padded batch (no early exit,
+        no length bucketing): the stock-handler baseline. Equals the `full` policy's logits."""
+        hidden, mask = self.backbone.stock_forward(inputs)
+        return self.exits.heads[-1](pool(hidden, mask, self.exits.pooling))
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
