@@ -55,6 +55,16 @@ def _check_image_model(spec: ModelSpec, backbone: BackboneAdapter, image_process
         )
 
 
+def read_model_spec(directory: Path) -> ModelSpec:
+    """The `epee.yaml` of a model directory, after checking the directory holds what a model needs."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: model directory not found")
+    for required in (SPEC_FILE, EXITS_FILE, "config.json"):
+        if not (directory / required).is_file():
+            raise ConfigError(f"{directory}: not an epee model directory (missing {required})")
+    return ModelSpec.load(directory / SPEC_FILE)
+
+
 class EarlyExitModel(nn.Module):
     """Backbone adapter + exit heads + the spec that describes them, and the preprocessor: the tokenizer for text
     tasks, the image processor for image-classification."""
@@ -132,12 +142,7 @@ class EarlyExitModel(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> EarlyExitModel:
         """Load a model directory written by `save_pretrained`; errors name the missing or bad file."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise ConfigError(f"{directory}: model directory not found")
-        for required in (SPEC_FILE, EXITS_FILE, "config.json"):
-            if not (directory / required).is_file():
-                raise ConfigError(f"{directory}: not an epee model directory (missing {required})")
-        spec = ModelSpec.load(directory / SPEC_FILE)
+        spec = read_model_spec(directory)
         backbone = load_pretrained_backbone(directory)
         if backbone.kind != spec.backbone:
             raise ConfigError(
