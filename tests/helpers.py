@@ -33,15 +33,12 @@ LABELS = {
 }
 
 
-def tiny_bert_config(vocab_size: int, num_layers: int = 4, **extra) -> BertConfig:
+TINY_SIZE = {"hidden_size": HIDDEN, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def tiny_bert_config(vocab_size: int, num_layers: int = NUM_LAYERS, **extra) -> BertConfig:
     config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        num_hidden_layers=num_layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        **extra,
+        vocab_size=vocab_size, num_hidden_layers=num_layers, max_position_embeddings=128, **TINY_SIZE, **extra
     )
     config._attn_implementation = "sdpa"
     return config
@@ -53,12 +50,10 @@ def tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
         return AlbertConfig(
             vocab_size=vocab_size,
             embedding_size=16,
-            hidden_size=HIDDEN,
             num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2,
-            intermediate_size=64,
             max_position_embeddings=64,
             hidden_dropout_prob=0.1,
+            **TINY_SIZE,
         )
     if kind == "gpt2":
         return GPT2Config(
@@ -76,13 +71,11 @@ def tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
             image_size=IMAGE_SIZE,
             patch_size=4,
             num_channels=3,
-            hidden_size=HIDDEN,
             num_hidden_layers=NUM_LAYERS,
-            num_attention_heads=2,
-            intermediate_size=64,
             hidden_dropout_prob=0.1,
             # Larger random weights than the 0.02 default, so the CLS token differs between images and layers.
             initializer_range=0.3,
+            **TINY_SIZE,
         )
     raise ValueError(kind)
 

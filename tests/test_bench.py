@@ -87,7 +87,7 @@ def test_bench_runs_every_policy_at_every_batch_size_and_writes_json_and_markdow
     assert report["num_samples"] == 24 and report["batch_sizes"] == [1, 4]
     names = ["full", "epee", "patience", "entropy", "oracle"]
     assert [(r["batch_size"], r["policy"]) for r in report["results"]] == [
-        (b, n) for b in (1, 4) for n in names
+        (b, n) for b in (1, 4) for n in [*names, "hf"]
     ]
     for result in report["results"]:
         assert result["batch_ms_p50"] <= result["batch_ms_p95"] and result["samples_per_second"] > 0
@@ -100,6 +100,13 @@ def test_bench_runs_every_policy_at_every_batch_size_and_writes_json_and_markdow
             1,
         )
         assert all(oracle["accuracy"] >= by_key[batch_size, name]["accuracy"] for name in names)
+        stock = by_key[batch_size, "hf"]  # the plain Hugging Face forward answers as full depth does
+        assert (stock["accuracy"], stock["avg_exit_layer"], stock["throughput_vs_hf"]) == (
+            full["accuracy"],
+            4,
+            1,
+        )
+        assert full["throughput_vs_hf"] > 0
     for name in names:  # the runner's batch invariance: same exits and answers at batch 1 and 4
         assert by_key[1, name]["exit_layer_counts"] == by_key[4, name]["exit_layer_counts"]
         assert by_key[1, name]["accuracy"] == by_key[4, name]["accuracy"]
@@ -107,6 +114,7 @@ def test_bench_runs_every_policy_at_every_batch_size_and_writes_json_and_markdow
     assert json.loads(open(json_path).read())["results"] == report["results"]
     markdown = open(markdown_path).read()
     assert "## batch size 1" in markdown and "## batch size 4" in markdown and "| oracle |" in markdown
+    assert "| hf |" in markdown and "× hf" in markdown
 
 
 def test_bench_takes_the_policy_and_threads_from_the_model_yaml(bench_inputs, capsys):
@@ -119,7 +127,7 @@ def test_bench_takes_the_policy_and_threads_from_the_model_yaml(bench_inputs, ca
     assert code == 0
     report = json.loads(out)
     assert report["num_threads"] == 1
-    assert [r["policy"] for r in report["results"]] == ["full", "patience", "entropy", "oracle"]
+    assert [r["policy"] for r in report["results"]] == ["full", "patience", "entropy", "oracle", "hf"]
     assert report["results"][1]["params"]["patience"] == 1
 
 

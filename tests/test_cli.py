@@ -212,7 +212,7 @@ def test_bad_yaml_is_one_line(trained_dir, tmp_path, capsys):
     err = one_line_error(
         capsys, ["evaluate", "--model", str(trained_dir), "--data", "x", "--config", str(config)]
     )
-    assert "'entropy_threshold' must be a number" in err and str(config) in err
+    assert "'entropy_threshold' must be a finite number" in err and str(config) in err
 
 
 def test_unknown_policy_is_one_line(trained_dir, capsys):
@@ -225,7 +225,7 @@ def test_unknown_policy_is_one_line(trained_dir, capsys):
 @pytest.mark.parametrize(
     ("pair", "message"),
     [
-        ("patience=0", "'patience' must be an integer >= 1"),
+        ("patience=0", "'patience' must be an integer in [1, 10000]"),
         ("patience", "--set expects KEY=VALUE"),
         ("layer=2", "policy 'epee' takes no parameter 'layer'"),
     ],

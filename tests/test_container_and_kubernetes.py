@@ -3,12 +3,11 @@
 No Docker daemon and no cluster here: images are linted (hadolint), never built; manifests are rendered
 (`kubectl kustomize`) and schema-checked (`kubernetes-validate --strict`), never applied. Each tool check also
 runs on a deliberately broken copy, to show it can fail. The last tests start a real TorchServe from
-docker/config.properties (on 127.0.0.1 and free ports) and run docker/healthcheck.py against it.
+docker/config.properties (on 127.0.0.1 and free ports) and run the health check (epee_core.ops.health) against it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,9 @@ import pytest
 import requests
 import yaml
 
+from epee_core.ops import health
+from epee_core.ops.torchserve import read_properties
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 KUBE = ROOT / "kubernetes"
@@ -37,13 +39,6 @@ KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
     KUBECTL is None, reason="kubectl is not installed: kustomizations not rendered"
 )
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    pairs = (line.partition("=") for line in path.read_text(encoding="utf-8").splitlines())
-    return {
-        key.strip(): value.strip() for key, sep, value in pairs if sep and not key.lstrip().startswith("#")
-    }
 
 
 def port_of(address: str) -> int:
@@ -128,9 +123,9 @@ def test_the_image_puts_config_probe_and_metrics_config_where_the_config_and_man
     env = dockerfile_env(text)
     config = read_properties(DOCKER_CONFIG)
     assert "COPY --chown=1000:1000 docker/config.properties " + env["TS_CONFIG_FILE"] in text
-    assert "COPY docker/healthcheck.py handlers/metrics.yaml /opt/epee-serve/" in text
+    assert "COPY handlers/metrics.yaml /opt/epee-serve/" in text
     assert config["metrics_config"] == "/opt/epee-serve/metrics.yaml"
-    assert "HEALTHCHECK" in text and '"/opt/epee-serve/healthcheck.py"' in text
+    assert "HEALTHCHECK" in text and 'CMD ["python", "-m", "epee_core.ops.health"]' in text
     assert re.search(r"^USER 1000:1000$", text, flags=re.M)  # numeric, so runAsNonRoot can verify it
     assert 'ENTRYPOINT ["/usr/bin/tini", "-g", "--"]' in text
     assert 'CMD ["torchserve", "--foreground", "--ncs"]' in text
@@ -141,8 +136,7 @@ def test_the_image_puts_config_probe_and_metrics_config_where_the_config_and_man
     assert "ARG BASE_IMAGE=python:3.11-slim-bookworm" in text
     # the build context sends only what the image copies
     ignore = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
-    for source in ("pyproject.toml", "README.md", "epee_core/", "handlers/", "docker/config.properties",
-                   "docker/healthcheck.py"):  # fmt: skip
+    for source in ("pyproject.toml", "README.md", "epee_core/", "handlers/", "docker/config.properties"):
         assert f"!{source}" in ignore
 
 
@@ -321,7 +315,7 @@ def assert_probes_and_ports_match_the_config(pod_spec: dict, name: str, config: 
     liveness = server["livenessProbe"]["httpGet"]
     assert liveness["path"] == "/ping"
     assert ports.get(liveness["port"], liveness["port"]) == inference
-    checker = ["python", "/opt/epee-serve/healthcheck.py"]
+    checker = ["python", "-m", "epee_core.ops.health"]
     assert server["readinessProbe"]["exec"]["command"] == checker
     assert server["startupProbe"]["exec"]["command"] == checker
     env = {item["name"]: item["value"] for item in server["env"]}
@@ -414,14 +408,7 @@ def test_the_kserve_predictor_has_the_same_probes_ports_and_security_as_the_depl
     assert_probes_and_ports_match_the_config(predictor, "kserve-container", read_properties(DOCKER_CONFIG))
 
 
-# --- docker/healthcheck.py ------------------------------------------------------------------------------------------
-
-
-def load_healthcheck():
-    spec = importlib.util.spec_from_file_location("epee_healthcheck", DOCKER / "healthcheck.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# --- the health check (epee_core.ops.health) -------------------------------------------------------------------
 
 
 class FakeTorchServe:
@@ -476,7 +463,7 @@ def fake_torchserve():
 def test_healthcheck_is_ready_only_when_every_archive_is_registered_with_ready_workers(
     tmp_path, fake_torchserve
 ):
-    healthcheck = load_healthcheck()
+    healthcheck = health
     store = tmp_path / "store"
     store.mkdir()
     config = tmp_path / "config.properties"
@@ -555,7 +542,7 @@ class ContainerLikeServer:
         )  # fmt: skip
 
     def healthcheck(self) -> subprocess.CompletedProcess:
-        return run(sys.executable, str(DOCKER / "healthcheck.py"), str(self.config), cwd=self.workdir)
+        return run(sys.executable, "-m", "epee_core.ops.health", str(self.config), cwd=self.workdir)
 
     def wait(self, condition, timeout: float = 180.0):
         deadline = time.monotonic() + timeout

@@ -108,8 +108,8 @@ def test_serve_config_reads_the_design_example():
     ("section", "message"),
     [
         ({"policy": "epee", "threshold_entropy": 0.2}, "unknown key 'threshold_entropy'"),
-        ({"policy": "epee", "patience": -1}, "'patience' must be an integer >= 1"),
-        ({"policy": "epee", "entropy_threshold": "high"}, "'entropy_threshold' must be a number"),
+        ({"policy": "epee", "patience": -1}, "'patience' must be an integer in \\[1, 10000\\]"),
+        ({"policy": "epee", "entropy_threshold": "high"}, "'entropy_threshold' must be a finite number"),
         ({"policy": "warp"}, "unknown policy 'warp'"),
         ({"allow_request_override": "yes"}, "'allow_request_override' must be bool"),
         ({"max_length": 0}, "'max_length' must be a positive integer"),

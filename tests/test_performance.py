@@ -43,7 +43,7 @@ def test_report_times_full_epee_and_oracle_at_every_batch_size(report_inputs):
     (model,) = report["models"]
     assert model["num_samples"] == 12
     assert {(row["batch_size"], row["policy"]) for row in model["results"]} == {
-        (batch, policy) for batch in (1, 4) for policy in ("full", model["epee_policy"], "oracle")
+        (batch, policy) for batch in (1, 4) for policy in ("full", model["epee_policy"], "oracle", "hf")
     }
     assert model["calibration"]["includes_timed_rows"]  # 30 dev rows: too few to keep the timed ones out
     markdown = (report_inputs / "docs" / "perf.md").read_text()

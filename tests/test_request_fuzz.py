@@ -90,13 +90,13 @@ def check_batch(service, hostile: list[tuple], good: tuple) -> None:
     assert answers[position].body == service.answer([good[0]], [good[1]])[0].body
 
 
-@given(
-    st.lists(
-        st.tuples(text_bodies, st.sampled_from(CONTENT_TYPES), st.none() | st.text(max_size=20)),
-        min_size=1,
-        max_size=6,
-    )
-)
+def batches(bodies, max_size: int):
+    """Batches of requests: a body, a content type and maybe a policy header each."""
+    request = st.tuples(bodies, st.sampled_from(CONTENT_TYPES), st.none() | st.text(max_size=20))
+    return st.lists(request, min_size=1, max_size=max_size)
+
+
+@given(batches(text_bodies, max_size=6))
 def test_any_text_batch_gets_one_answer_each_and_good_rows_their_own(text_service, requests):
     hostile = [row_and_headers(*request) for request in requests]
     check_batch(text_service, hostile, row_and_headers(GOOD_TEXT, "application/json", None))
@@ -123,13 +123,7 @@ image_bodies = st.one_of(
 )
 
 
-@given(
-    st.lists(
-        st.tuples(image_bodies, st.sampled_from(CONTENT_TYPES), st.none() | st.text(max_size=20)),
-        min_size=1,
-        max_size=4,
-    )
-)
+@given(batches(image_bodies, max_size=4))
 def test_any_image_batch_gets_one_answer_each_and_good_rows_their_own(image_service, requests):
     hostile = [row_and_headers(*request) for request in requests]
     check_batch(image_service, hostile, row_and_headers(png(20, 24, "L"), "image/png", None))

@@ -40,14 +40,18 @@ def random_labels(model: EarlyExitModel, batch_size: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("task", ["text-classification", "multi-label"])
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize("batch_size", [2, 16])
 @pytest.mark.parametrize(("name", "params"), POLICIES)
-def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, name, params):
+@pytest.mark.parametrize("bucketed", [False, True], ids=["one-batch", "bucketed"])
+def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, name, params, bucketed):
     model = tiny_models[task]
     policy = make_policy(name, params)
-    batch = random_batch(batch_size, len(model.tokenizer), seed=batch_size)
+    batch = random_batch(batch_size, len(model.tokenizer), max_len=40 if bucketed else 12, seed=batch_size)
     labels = random_labels(model, batch_size)
-    batched = run_early_exit(model, batch, policy, labels)
+    if bucketed:  # tiny sub-batch overhead, so even a batch of 2 splits by length
+        batched = run_bucketed(model, batch, policy, labels, overhead_tokens=4)
+    else:
+        batched = run_early_exit(model, batch, policy, labels)
     for row in range(batch_size):
         alone = run_early_exit(model, single_row(batch, row), policy, labels[row : row + 1])
         assert batched.exit_layer[row] == alone.exit_layer[0], f"row {row}"
@@ -55,25 +59,7 @@ def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, nam
             batched.predictions(model.multi_label)[row], alone.predictions(model.multi_label)[0]
         )
         torch.testing.assert_close(batched.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
-@pytest.mark.parametrize("batch_size", [2, 16])
-@pytest.mark.parametrize(("name", "params"), POLICIES)
-def test_bucketed_run_equals_each_sample_alone(tiny_models, task, batch_size, name, params):
-    model = tiny_models[task]
-    policy = make_policy(name, params)
-    batch = random_batch(batch_size, len(model.tokenizer), max_len=40, seed=batch_size)
-    labels = random_labels(model, batch_size)
-    bucketed = run_bucketed(model, batch, policy, labels, overhead_tokens=4)
-    for row in range(batch_size):
-        alone = run_early_exit(model, single_row(batch, row), policy, labels[row : row + 1])
-        assert bucketed.exit_layer[row] == alone.exit_layer[0], f"row {row}"
-        assert torch.equal(
-            bucketed.predictions(model.multi_label)[row], alone.predictions(model.multi_label)[0]
-        )
-        torch.testing.assert_close(bucketed.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(bucketed.logits[row], alone.logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(batched.logits[row], alone.logits[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("task", ["text-classification", "multi-label"])

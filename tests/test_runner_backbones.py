@@ -42,3 +42,13 @@ def test_bucketed_run_equals_each_sample_alone(tiny_models, kind, name, params):
         assert bucketed.exit_layer[row] == alone.exit_layer[0], f"row {row}"
         assert bucketed.predictions(False)[row] == alone.predictions(False)[0], f"row {row}"
         torch.testing.assert_close(bucketed.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bert", *KINDS])
+def test_stock_forward_gives_the_full_policys_logits(tokenizer, tiny_models, kind):
+    """The `hf` benchmark baseline (the plain Hugging Face forward over the padded batch) answers as `full` does."""
+    model = tiny_models.get(kind) or build_tiny_model(tokenizer, kind=kind)
+    image = model.backbone.modality == "image"
+    batch = random_pixels(6, seed=4) if image else random_batch(6, len(model.tokenizer), max_len=30, seed=4)
+    full = run_bucketed(model, batch, make_policy("full"))
+    torch.testing.assert_close(model.stock_logits(batch), full.logits, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from .backbones import BackboneAdapter, load_pretrained_backbone
-from .heads import ExitHeads
+from .heads import ExitHeads, pool
 from .inputs import (
     Example,
     ImageExample,
@@ -53,6 +53,16 @@ def _check_image_model(spec: ModelSpec, backbone: BackboneAdapter, image_process
             f"the image processor resizes to {processor_image_size(image_processor)}, the backbone takes "
             f"{backbone.image_size}×{backbone.image_size}"
         )
+
+
+def read_model_spec(directory: Path) -> ModelSpec:
+    """The `epee.yaml` of a model directory, after checking the directory holds what a model needs."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: model directory not found")
+    for required in (SPEC_FILE, EXITS_FILE, "config.json"):
+        if not (directory / required).is_file():
+            raise ConfigError(f"{directory}: not an epee model directory (missing {required})")
+    return ModelSpec.load(directory / SPEC_FILE)
 
 
 class EarlyExitModel(nn.Module):
@@ -119,6 +129,13 @@ class EarlyExitModel(nn.Module):
             all_logits.append(self.exits(index, hidden, mask))
         return torch.stack(all_logits)
 
+    @torch.inference_mode()
+    def stock_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last exit's logits [B, C] from the plain Hugging Face forward over the padded batch (no early exit,
+        no length bucketing): the stock-handler baseline. Equals the `full` policy's logits."""
+        hidden, mask = self.backbone.stock_forward(inputs)
+        return self.exits.heads[-1](pool(hidden, mask, self.exits.pooling))
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -141,12 +158,7 @@ class EarlyExitModel(nn.Module):
         """Load a model directory written by `save_pretrained`, on `device` (weights in `dtype`, default as
         saved: float32); errors name the missing or bad file."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise ConfigError(f"{directory}: model directory not found")
-        for required in (SPEC_FILE, EXITS_FILE, "config.json"):
-            if not (directory / required).is_file():
-                raise ConfigError(f"{directory}: not an epee model directory (missing {required})")
-        spec = ModelSpec.load(directory / SPEC_FILE)
+        spec = read_model_spec(directory)
         backbone = load_pretrained_backbone(directory)
         if backbone.kind != spec.backbone:
             raise ConfigError(

@@ -1,8 +1,14 @@
-"""Evaluating policies on labelled data: task metrics, average exit layer and measured throughput (docs/design.md, "Commands")."""
+"""Evaluating policies on labelled data: task metrics, average exit layer and measured throughput
+(docs/design.md, "Commands").
+
+Besides the policies, a run may time the stock-handler baseline `hf`: the plain Hugging Face forward over the
+padded batch with the last exit head (`EarlyExitModel.stock_logits`), what a stock TorchServe handler runs.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -11,7 +17,7 @@ from tqdm.auto import tqdm
 from ..data.text import label_tensor
 from ..engine.inputs import Example
 from ..engine.model import EarlyExitModel
-from ..engine.policies import Policy
+from ..engine.policies import Policy, predictions
 from ..engine.runner import run_bucketed
 from .metrics import task_metrics
 
@@ -39,9 +45,12 @@ def _finish(device: torch.device) -> None:
 WARMUP_BATCHES = 3
 
 
+STOCK_BASELINE = "hf"
+
+
 def summarise(
     model: EarlyExitModel,
-    policy: Policy,
+    policy: Policy | str,
     gold: torch.Tensor,
     predicted: torch.Tensor,
     exit_layers: torch.Tensor,
@@ -56,8 +65,8 @@ def summarise(
     wall_seconds = sum(batch_seconds)
     batch_ms = np.asarray(batch_seconds) * 1000.0
     return {
-        "policy": policy.name,
-        "params": policy.params,
+        "policy": policy if isinstance(policy, str) else policy.name,
+        "params": {} if isinstance(policy, str) else policy.params,
         **metrics,
         "avg_exit_layer": round(avg_exit, 4),
         "num_layers": spec.num_layers,
@@ -77,35 +86,43 @@ def evaluate_policies(
     examples: list[Example],
     policies: list[Policy],
     batch_size: int = 8,
+    stock_model: EarlyExitModel | None = None,
 ) -> list[dict]:
     """Every policy on the same inputs in one run, through the serving runner (`run_bucketed`), so their speeds
-    compare side by side; one result per policy.
+    compare side by side; one result per policy, plus an `hf` row timing `stock_model`'s plain forward when given
+    (the model itself, or its fp32 original when `model` is quantized).
 
-    Policies take turns batch by batch (each timed on its own, the first turn rotating), so a noisy neighbour on
-    the machine slows all of them alike; a few untimed warm-up batches per policy come first.
+    Contestants take turns batch by batch (each timed on its own, the first turn rotating), so a noisy neighbour
+    on the machine slows all of them alike; a few untimed warm-up batches per contestant come first.
     `wall_seconds` is engine time (tokenization is done once, before timing); `batch_ms_p50` / `batch_ms_p95`
     are per-batch latencies.
     """
     model.eval()
     device = model.device
     batches = prepare_batches(model, examples, batch_size)
-    for policy in policies:
+    contestants: list[tuple[Policy | str, Callable]] = [
+        (policy, lambda inputs, labels, policy=policy: _run_policy(model, inputs, policy, labels))
+        for policy in policies
+    ]
+    if stock_model is not None:
+        stock_model.eval()
+        contestants.append((STOCK_BASELINE, lambda inputs, labels: _run_stock(stock_model, inputs)))
+    for _, run in contestants:
         for inputs, labels in batches[:WARMUP_BATCHES]:
-            run_bucketed(model, inputs, policy, labels)
-    batch_seconds: list[list[float]] = [[] for _ in policies]
-    predicted: list[list[torch.Tensor]] = [[] for _ in policies]
-    exit_layers: list[list[torch.Tensor]] = [[] for _ in policies]
+            run(inputs, labels)
+    batch_seconds: list[list[float]] = [[] for _ in contestants]
+    predicted: list[list[torch.Tensor]] = [[] for _ in contestants]
+    exit_layers: list[list[torch.Tensor]] = [[] for _ in contestants]
     for number, (inputs, labels) in enumerate(tqdm(batches, desc="evaluate", unit="batch", leave=False)):
-        for turn in range(len(policies)):
-            # Who goes first rotates, so no policy always runs right after another on warm caches.
-            index = (number + turn) % len(policies)
-            policy = policies[index]
+        for turn in range(len(contestants)):
+            # Who goes first rotates, so no contestant always runs right after another on warm caches.
+            index = (number + turn) % len(contestants)
             started = time.perf_counter()
-            result = run_bucketed(model, inputs, policy, labels)
+            rows_predicted, rows_exit = contestants[index][1](inputs, labels)
             _finish(device)
             batch_seconds[index].append(time.perf_counter() - started)
-            predicted[index].append(result.predictions(model.multi_label).cpu())
-            exit_layers[index].append(result.exit_layer.cpu())
+            predicted[index].append(rows_predicted.cpu())
+            exit_layers[index].append(rows_exit.cpu())
     gold = torch.cat([labels.cpu() for _, labels in batches])
     results = [
         summarise(
@@ -117,10 +134,24 @@ def evaluate_policies(
             batch_seconds[i],
             batch_size,
         )
-        for i, policy in enumerate(policies)
+        for i, (policy, _) in enumerate(contestants)
     ]
-    full = next((result for result in results if result["policy"] == "full"), None)
-    if full is not None:
-        for result in results:
-            result["speedup_vs_full"] = round(result["samples_per_second"] / full["samples_per_second"], 3)
+    for baseline in ("full", STOCK_BASELINE):
+        reference = next((result for result in results if result["policy"] == baseline), None)
+        if reference is not None:
+            for result in results:
+                speedup = result["samples_per_second"] / reference["samples_per_second"]
+                result[f"speedup_vs_{baseline}"] = round(speedup, 3)
     return results
+
+
+def _run_policy(model: EarlyExitModel, inputs: dict, policy: Policy, labels: torch.Tensor):
+    result = run_bucketed(model, inputs, policy, labels)
+    return result.predictions(model.multi_label), result.exit_layer
+
+
+def _run_stock(model: EarlyExitModel, inputs: dict):
+    logits = model.stock_logits(inputs)
+    probs = torch.sigmoid(logits) if model.multi_label else logits
+    exit_layer = torch.full((logits.shape[0],), model.num_layers, dtype=torch.long)
+    return predictions(probs, model.multi_label), exit_layer

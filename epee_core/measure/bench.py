@@ -1,10 +1,11 @@
 """`epee bench`: policies side by side on the same inputs at several batch sizes, in process (no server).
 
 Timing is `evaluate_policies` (policies take turns batch by batch after untimed warm-up batches) with torch pinned
-to one thread count for every policy. Besides each policy's speed and accuracy the report gives three ratios per
-batch size: throughput vs `full`, throughput vs `oracle` (the earliest correct exit: the best any policy could do
-with these exit heads), and the realised saving: the share of the theoretical time saving (layers skipped) that
-turns into wall-clock time saved.
+to one thread count for every policy. Besides each policy's speed and accuracy the report gives four ratios per
+batch size: throughput vs `hf` (the plain Hugging Face forward over the padded batch: what a stock TorchServe
+handler runs), vs `full` (our runner at full depth), vs `oracle` (the earliest correct exit: the best any policy
+could do with these exit heads), and the realised saving: the share of the theoretical time saving (layers
+skipped) that turns into wall-clock time saved.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ..engine.inputs import Example
 from ..engine.model import EarlyExitModel
 from ..engine.policies import Policy
-from ..evaluation.evaluate import WARMUP_BATCHES, evaluate_policies
+from ..evaluation.evaluate import STOCK_BASELINE, WARMUP_BATCHES, evaluate_policies
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 BASELINE_POLICIES = ("full", "patience", "entropy", "oracle")
@@ -39,14 +40,15 @@ def realised_saving(measured_speedup: float, layer_speedup: float) -> float | No
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Add `throughput_vs_full`, `throughput_vs_oracle` and `realised_saving` to the rows of one batch size (None where `full` or `oracle` was not run)."""
+    """Add `throughput_vs_hf`, `throughput_vs_full`, `throughput_vs_oracle` and `realised_saving` to the rows of
+    one batch size (None where the reference was not run)."""
     by_name = {row["policy"]: row for row in rows}
-    full, oracle = by_name.get("full"), by_name.get("oracle")
     for row in rows:
         speed = row["samples_per_second"]
-        vs_full = speed / full["samples_per_second"] if full else None
-        row["throughput_vs_full"] = round(vs_full, 4) if vs_full is not None else None
-        row["throughput_vs_oracle"] = round(speed / oracle["samples_per_second"], 4) if oracle else None
+        for reference in (STOCK_BASELINE, "full", "oracle"):
+            ratio = speed / by_name[reference]["samples_per_second"] if reference in by_name else None
+            row[f"throughput_vs_{reference}"] = round(ratio, 4) if ratio is not None else None
+        vs_full = row["throughput_vs_full"]
         saving = realised_saving(vs_full, row["layer_speedup"]) if vs_full is not None else None
         row["realised_saving"] = round(saving, 4) if saving is not None else None
     return rows
@@ -58,9 +60,10 @@ def run_bench(
     policies: list[Policy],
     batch_sizes: list[int],
     num_threads: int | None = None,
+    stock_model: EarlyExitModel | None = None,
 ) -> dict:
-    """Every policy at every batch size on `examples` (side by side, taking turns); torch runs on `num_threads`
-    threads (default: as now)."""
+    """Every policy at every batch size on `examples` (side by side, taking turns), with the `hf` row timing
+    `stock_model` (default: `model` itself); torch runs on `num_threads` threads (default: as now)."""
     names = [policy.name for policy in policies]
     if len(set(names)) != len(names):
         raise ValueError(f"each policy may be benched once, got {', '.join(names)}")
@@ -69,7 +72,8 @@ def run_bench(
     try:
         results = []
         for batch_size in batch_sizes:
-            results += add_ratios(evaluate_policies(model, examples, policies, batch_size))
+            rows = evaluate_policies(model, examples, policies, batch_size, stock_model or model)
+            results += add_ratios(rows)
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -102,6 +106,7 @@ def render_markdown(report: dict) -> str:
         ("samples_per_second", "samples/s"),
         ("batch_ms_p50", "p50 ms/batch"),
         ("batch_ms_p95", "p95 ms/batch"),
+        ("throughput_vs_hf", "× hf"),
         ("throughput_vs_full", "× full"),
         ("throughput_vs_oracle", "× oracle"),
         ("realised_saving", "realised saving"),
@@ -113,7 +118,8 @@ def render_markdown(report: dict) -> str:
         f"(torch {report['torch_version']}), {report['warmup_batches_per_policy']} untimed warm-up batches per "
         "policy. Policies: " + ", ".join(f"`{name}`" for name in report["policies"]) + ".",
         "",
-        "`× full` and `× oracle`: samples/s relative to those policies. `realised saving`: measured time saving "
+        "`× hf`, `× full` and `× oracle`: samples/s relative to those rows (`hf`: the plain Hugging Face forward "
+        "over the padded batch, what a stock TorchServe handler runs). `realised saving`: measured time saving "
         "over the layer saving (1 − avg exit / layers); 1.0 = every skipped layer became saved time.",
     ]
     for batch_size in report["batch_sizes"]:

@@ -199,9 +199,19 @@ def compile_check(run: str, args: argparse.Namespace, batch_size: int = 8, max_r
 # --- where the time goes --------------------------------------------------------------------------------------
 
 
-def profile_run(run: str, args: argparse.Namespace, policy: Policy, max_rows: int = 320) -> dict:
-    """Milliseconds per batch in each labelled part of the runner at batch 8 and 32 (`full` and `policy`), read
-    from `torch.profiler`; also the layer-tokens a batch processes and the padding share of a batch."""
+def measured_policy(results: list[dict], run: str) -> Policy:
+    """The EPEE policy the report timed for `run` (its calibrated one), else EPEE's defaults."""
+    measured = next((result for result in results if result["run"] == run), None)
+    if measured is None:
+        return make_policy("epee")
+    name = measured["epee_policy"]
+    return make_policy(name, next(row for row in measured["results"] if row["policy"] == name)["params"])
+
+
+def profile_run(run: str, args: argparse.Namespace, results: list[dict], max_rows: int = 320) -> dict:
+    """Milliseconds per batch in each labelled part of the runner at batch 8 and 32 (`full` and the run's EPEE
+    policy), read from `torch.profiler`; also the layer-tokens a batch processes and the padding share."""
+    policy = measured_policy(results, run)
     model = EarlyExitModel.from_pretrained(Path(args.models) / run).eval()
     examples, _ = dev_rows(dataset_of(run), Path(args.data), max_rows)
     rows, padding = [], {}
@@ -461,6 +471,22 @@ def git_revision() -> str:
     return revision
 
 
+def cached_or_measured(args, run: str | None, file_name: str, what: str, measure, *extra) -> dict | None:
+    """A side measurement on one run, read back from the run's directory when made with the same threads."""
+    if not run:
+        return None
+    path = Path(args.models) / run / file_name
+    cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not args.rerun else None
+    if cached is not None and cached.get("threads") == args.threads:
+        return cached
+    log(f"{what} on {run}")
+    started = time.perf_counter()
+    measured = {**measure(run, args, *extra), "threads": args.threads}
+    measured["seconds"] = round(time.perf_counter() - started, 1)
+    path.write_text(json.dumps(measured, indent=2) + "\n", encoding="utf-8")
+    return measured
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m epee_core.measure.performance",
@@ -509,33 +535,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     results = [measure_run(run, args) for run in runs]
-    check = None
-    if args.compile_check:
-        check_path = Path(args.models) / args.compile_check / COMPILE_FILE
-        if check_path.is_file() and not args.rerun:
-            check = json.loads(check_path.read_text(encoding="utf-8"))
-        if check is None or check.get("threads") != args.threads:
-            log(f"torch.compile check on {args.compile_check}")
-            check = {**compile_check(args.compile_check, args), "threads": args.threads}
-            check_path.write_text(json.dumps(check, indent=2) + "\n", encoding="utf-8")
-    profile = None
-    if args.profile:
-        profile_path = Path(args.models) / args.profile / PROFILE_FILE
-        if profile_path.is_file() and not args.rerun:
-            profile = json.loads(profile_path.read_text(encoding="utf-8"))
-        if profile is None or profile.get("threads") != args.threads:
-            log(f"profiling the runner on {args.profile}")
-            measured = next((result for result in results if result["run"] == args.profile), None)
-            policy = make_policy("epee")
-            if measured is not None:
-                policy = make_policy(
-                    measured["epee_policy"],
-                    next(r for r in measured["results"] if r["policy"] == measured["epee_policy"])["params"],
-                )
-            started_profile = time.perf_counter()
-            profile = {**profile_run(args.profile, args, policy), "threads": args.threads}
-            profile["seconds"] = round(time.perf_counter() - started_profile, 1)
-            profile_path.write_text(json.dumps(profile, indent=2) + "\n", encoding="utf-8")
+    check = cached_or_measured(args, args.compile_check, COMPILE_FILE, "torch.compile check", compile_check)
+    profile = cached_or_measured(
+        args, args.profile, PROFILE_FILE, "profiling the runner", profile_run, results
+    )
     report = {
         "command": shlex.join(["python", "-m", "epee_core.measure.performance", *(argv or sys.argv[1:])]),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..engine.model import EXITS_FILE, SPEC_FILE
+from ..engine.model import read_model_spec
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
 from ..serving.config import ServeConfig
 from ..serving.service import ARCHIVE_MODEL_DIR
@@ -70,12 +70,7 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
     """Validate everything the archive needs before building it; errors name the file and key."""
     if not MODEL_NAME.match(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '_', '-' and '.' (TorchServe model names)")
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: model directory not found")
-    for required in (SPEC_FILE, EXITS_FILE, "config.json"):
-        if not (model_dir / required).is_file():
-            raise ConfigError(f"{model_dir}: not an epee model directory (missing {required})")
-    spec = ModelSpec.load(model_dir / SPEC_FILE)
+    spec = read_model_spec(model_dir)
     serve_config = ServeConfig.load(config_path)
     serve_config.check_model(spec, str(config_path), str(model_dir))
     if spec.task not in HANDLER_FOR_TASK:

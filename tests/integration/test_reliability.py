@@ -30,13 +30,15 @@ from .helpers import SENTENCES, derive_config, engine_answer, package, write_mod
 
 pytestmark = pytest.mark.integration
 
-MODEL, DEBUG_MODEL, ROLLOUT_MODEL = "fuzz", "debug-log", "roll"
+MODEL, DEBUG_MODEL, ROLLOUT_MODEL, BATCH8_MODEL = "fuzz", "debug-log", "roll", "batch8"
 MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
 RESPONSE_TIMEOUT = 20  # seconds: the model YAML's responseTimeout; no client ever waits longer than this + 10
 
 
-def serve_yaml(path: Path, policy: str = "epee", **extra) -> Path:
-    config = write_model_yaml(path, batch_size=4, max_batch_delay=50, task="text-classification",
+def serve_yaml(
+    path: Path, policy: str = "epee", batch_size: int = 4, max_batch_delay: int = 50, **extra
+) -> Path:
+    config = write_model_yaml(path, batch_size=batch_size, max_batch_delay=max_batch_delay, task="text-classification",
                               policy=policy, max_body_bytes=MAX_BODY_BYTES, max_text_chars=MAX_TEXT_CHARS,
                               **extra)  # fmt: skip
     config.write_text(
@@ -47,7 +49,8 @@ def serve_yaml(path: Path, policy: str = "epee", **extra) -> Path:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    """Three archives of one tiny model: the fuzz target, a `log_inputs: true` twin, and the rollout's v1."""
+    """Four archives of one tiny model: the fuzz target, a `log_inputs: true` twin, the rollout's v1, and a
+    batchSize 8 copy for hostile requests among seven good ones."""
     work = tmp_path_factory.mktemp("reliability")
     model_dir = work / "tiny-text-model"
     build_tiny_model(tokenizer).save_pretrained(model_dir)
@@ -56,11 +59,14 @@ def setup(tmp_path_factory, tokenizer):
     package(model_dir, config, MODEL, store)
     package(model_dir, serve_yaml(work / "debug.yaml", log_inputs=True), DEBUG_MODEL, store)
     package(model_dir, serve_yaml(work / "roll-v1.yaml", policy="full"), ROLLOUT_MODEL, store)
+    package(
+        model_dir, serve_yaml(work / "batch8.yaml", batch_size=8, max_batch_delay=300), BATCH8_MODEL, store
+    )
     server = TorchServe(derive_config(work / "config.properties", store), workdir=work)
     server.start()
     try:
         client = ManagementClient(server.management_url, server.keys["management"], timeout=120)
-        for name in (MODEL, DEBUG_MODEL, ROLLOUT_MODEL):
+        for name in (MODEL, DEBUG_MODEL, ROLLOUT_MODEL, BATCH8_MODEL):
             client.register(f"{name}.mar", name=name)
         yield {"server": server, "client": client, "model_dir": model_dir, "config": config, "work": work,
                "store": store}  # fmt: skip
@@ -95,6 +101,33 @@ def worker(client: ManagementClient, model: str) -> dict:
 
 # --- 1. a few hundred good and bad requests at once ------------------------------------------------------------
 
+# Valid JSON that used to fail a whole batch with 503: kind → (requests keyword arguments, error fragment).
+HOSTILE_KINDS = {
+    "lone surrogate text": (lambda t: {"json": {"text": "\ud800 " + t}}, "lone surrogate"),
+    "patience 1e308": (
+        lambda t: {"json": {"text": t, "epee": {"policy": "epee", "patience": 1e308}}},
+        "'patience' must be an integer",
+    ),  # fmt: skip
+    "layer as a 40-digit integer": (
+        lambda t: {"json": {"text": t, "epee": {"policy": "static", "layer": 10**40}}},
+        "'layer' must be an integer",
+    ),  # fmt: skip
+    "patience as a float": (
+        lambda t: {"json": {"text": t, "epee": {"policy": "patience", "patience": 2.5}}},
+        "'patience' must be an integer",
+    ),  # fmt: skip
+    "Infinity threshold": (
+        lambda t: {
+            "data": b'{"text": "x", "epee": {"policy": "fpabee", "similarity_threshold": Infinity}}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        "finite",
+    ),
+    "min_layer -1e308": (
+        lambda t: {"json": {"text": t, "epee": {"min_layer": -1e308}}},
+        "'min_layer' must be an integer",
+    ),  # fmt: skip
+}
 # kind → (requests keyword arguments for a sentence, expected status, a fragment the error must contain)
 BAD_KINDS = {
     "non-UTF-8 bytes": (
@@ -136,6 +169,7 @@ BAD_KINDS = {
         400,
         "'epee' must be a JSON object",
     ),
+    **{kind: (make, 400, fragment) for kind, (make, fragment) in HOSTILE_KINDS.items()},
 }
 GOOD_KINDS = {
     "JSON": (lambda t: {"json": {"text": t}}, "epee"),
@@ -189,6 +223,30 @@ def test_a_few_hundred_mixed_requests_at_once_every_good_one_answered_correctly(
     assert (after["pid"], after["status"]) == (pid_before, "READY")  # no worker died on the way
 
 
+def test_each_hostile_kind_among_seven_good_requests_in_one_batch_fails_alone(setup, server, expected):
+    """batchSize 8: one hostile request and seven good ones sent at once, twice per kind."""
+    target = url(server, BATCH8_MODEL)
+    batch_sizes = []
+    for kind, (make, fragment) in HOSTILE_KINDS.items():
+        for _ in range(2):
+            calls = [{"json": {"text": text}} for text in SENTENCES[:7]]
+            calls.insert(3, make(SENTENCES[0]))
+            for call in calls:
+                call["headers"] = {**call.get("headers", {}), **server.auth()}
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                responses = list(pool.map(lambda call: requests.post(target, timeout=60, **call), calls))
+            hostile = responses.pop(3)
+            assert hostile.status_code == 400 and fragment in hostile.json()["error"], (kind, hostile.text)
+            for text, response in zip(SENTENCES[:7], responses):
+                assert response.status_code == 200, (kind, response.text)
+                reference = expected[(text, "epee")]
+                assert (response.json()["label"], response.json()["exit_layer"]) == (
+                    reference["label"], reference["exit_layer"])  # fmt: skip
+            batch_sizes.append(int(hostile.headers["X-EPEE-Batch-Size"]))
+    print(f"\nhostile kinds among good requests: batch sizes of the hostile requests {batch_sizes}")
+    assert max(batch_sizes) > 1  # the hostile requests really shared batches with good ones
+
+
 # --- 2. no request content in the logs -------------------------------------------------------------------------
 
 
@@ -212,6 +270,10 @@ def test_request_content_never_reaches_the_logs_unless_log_inputs_is_set(server)
         {"json": {"text": text}, "headers": {"X-EPEE-Policy": marker}},  # ... and the policy name
         {"data": f'{{"text": "{marker}'.encode(), "headers": {"Content-Type": "application/json"}},
         {"json": {"text": text * 40}},  # over max_text_chars
+        {"json": {"text": "\ud800" + text}},  # failure paths: lone surrogate ...
+        {
+            "json": {"text": text, "epee": {"policy": "epee", "patience": 1e308, marker: 1}}
+        },  # ... bad override
     ]
     statuses = []
     for call in calls:
@@ -219,12 +281,13 @@ def test_request_content_never_reaches_the_logs_unless_log_inputs_is_set(server)
         response = requests.post(url(server), timeout=30, **call)
         statuses.append(response.status_code)
         request_id = response.headers.get("x-request-id")
-    assert statuses == [200, 200, 400, 400, 400, 413]
+    assert statuses == [200, 200, 400, 400, 400, 413, 400, 400]
     deadline = time.monotonic() + 10  # the worker's log lines reach the files a moment after the response
     while f"epee request {request_id}:" not in log_text(server) and time.monotonic() < deadline:
         time.sleep(0.3)
     logs = log_text(server)
     assert f"epee request {request_id}:" in logs and "status 413, refused" in logs  # request lines are there
+    assert "Prediction failed" not in logs  # no batch failed inside TorchServe
     assert marker not in logs
 
     debug = requests.post(url(server, DEBUG_MODEL), json={"text": text}, headers=server.auth(), timeout=30)

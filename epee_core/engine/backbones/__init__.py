@@ -36,29 +36,34 @@ ADAPTERS: dict[str, type[BackboneAdapter]] = {
 
 # Small from-scratch configurations (trained on our data; no weights exist offline for these). Text models take
 # the MiniLM tokenizer's vocabulary and special tokens; sizes are picked to train on a 2-core CPU in minutes.
+SMALL_TEXT_SIZE = {
+    "hidden_size": 256,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "intermediate_size": 1024,
+    "max_position_embeddings": 512,
+}
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The MiniLM tokenizer's padding, start ([CLS]) and end ([SEP]) ids, for models built from a config."""
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.cls_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
+
+
 SMALL_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
-    "bert-small": lambda tokenizer: BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        intermediate_size=1024,
-        max_position_embeddings=512,
-    ),
+    "bert-small": lambda tokenizer: BertConfig(vocab_size=len(tokenizer), **SMALL_TEXT_SIZE),
     "albert-small": lambda tokenizer: AlbertConfig(
         vocab_size=len(tokenizer),
         embedding_size=128,
-        hidden_size=256,
-        num_hidden_layers=6,
         num_hidden_groups=1,
-        num_attention_heads=4,
-        intermediate_size=1024,
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        **special_token_ids(tokenizer),
+        **SMALL_TEXT_SIZE,
     ),
     "gpt2-small": lambda tokenizer: GPT2Config(
         vocab_size=len(tokenizer),
@@ -66,9 +71,7 @@ SMALL_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
         n_layer=6,
         n_head=4,
         n_positions=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        **special_token_ids(tokenizer),
     ),
     # 28×28 images (MedMNIST) in 4×4 patches: 49 patch tokens + CLS.
     "vit-small": lambda: ViTConfig(

@@ -9,21 +9,18 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import BackboneAdapter, layer_output, padding_bias
+from .base import layer_output
+from .bert import BertAdapter
 
 
-class AlbertAdapter(BackboneAdapter):
+class AlbertAdapter(BertAdapter):
+    """BERT's bidirectional padding bias; factorised embeddings and shared layer groups."""
+
     kind = "albert"
-    default_pooling = "mean"
 
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        embedded = self.model.embeddings(
-            input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids")
-        )
-        return self.model.encoder.embedding_hidden_mapping_in(embedded), inputs["attention_mask"]
-
-    def attention_bias(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return padding_bias(mask, dtype)
+        embedded, mask = super().embed(inputs)
+        return self.model.encoder.embedding_hidden_mapping_in(embedded), mask
 
     def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
         # Which group serves layer `index`, as in `AlbertTransformer.forward` (ALBERT checkpoints use 1 group).

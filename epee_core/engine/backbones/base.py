@@ -18,6 +18,11 @@ class BackboneAdapter(nn.Module):
     kind: str = ""
     default_pooling: str = "mean"
     modality: str = "text"  # "text": tokenizer inputs; "image": `pixel_values`
+    stock_inputs: tuple[str, ...] = (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    )  # what `model(...)` takes
 
     def __init__(self, model: PreTrainedModel):
         super().__init__()
@@ -46,6 +51,17 @@ class BackboneAdapter(nn.Module):
     def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
         """Run layer `index` (0-based) on the rows given."""
         raise NotImplementedError
+
+    def stock_forward(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain `transformers` forward over the whole padded batch, all layers: `last_hidden_state` and the
+        padding mask. What a stock TorchServe handler runs; benchmarks time early exit against it."""
+        hidden = self.model(
+            **{name: inputs[name] for name in self.stock_inputs if name in inputs}
+        ).last_hidden_state
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return hidden, mask
 
     def exit_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the exit heads read after a layer. Post-LN models (BERT, ALBERT) read the layer output as is;

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .base import BackboneAdapter, padding_bias
+from .base import BackboneAdapter, layer_output, padding_bias
 
 
 class BertAdapter(BackboneAdapter):
@@ -23,5 +23,4 @@ class BertAdapter(BackboneAdapter):
         return padding_bias(mask, dtype)
 
     def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
-        output = self.model.encoder.layer[index](hidden, attention_mask=attention_bias)
-        return output[0] if isinstance(output, tuple) else output
+        return layer_output(self.model.encoder.layer[index](hidden, attention_mask=attention_bias))

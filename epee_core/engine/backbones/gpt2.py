@@ -18,6 +18,7 @@ from .base import BackboneAdapter, causal_padding_bias, layer_output
 class GPT2Adapter(BackboneAdapter):
     kind = "gpt2"
     default_pooling = "last"
+    stock_inputs = ("input_ids", "attention_mask")
 
     def embed(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         # `token_type_ids` (which a BERT tokenizer adds) are ignored: GPT-2 has no segments.

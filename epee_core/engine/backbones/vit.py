@@ -18,6 +18,7 @@ class ViTAdapter(BackboneAdapter):
     kind = "vit"
     default_pooling = "cls"
     modality = "image"
+    stock_inputs = ("pixel_values",)
 
     @property
     def image_size(self) -> int:

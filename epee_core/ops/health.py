@@ -13,8 +13,8 @@ So this check requires, from the TorchServe config file ($TS_CONFIG_FILE, or the
 2. model_store holds at least one .mar, and GET <management_address>/models lists each of them;
 3. each registered model has at least max(1, minWorkers) workers whose status is READY (model loaded).
 
-The management API listens on 127.0.0.1: this runs inside the container. Standard library only (a probe must
-not import torch).
+The management API listens on 127.0.0.1: this runs inside the container as `python -m epee_core.ops.health`.
+It imports nothing heavy (no torch): `epee_core` loads its public API lazily.
 """
 
 from __future__ import annotations
@@ -27,18 +27,10 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
+from .torchserve import read_properties
+
 DEFAULT_CONFIG = "/home/model-server/config/config.properties"
 TIMEOUT = 4.0
-
-
-def read_properties(path: Path) -> dict[str, str]:
-    properties = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, _, value = line.partition("=")
-            properties[key.strip()] = value.strip()
-    return properties
 
 
 def local_url(address: str) -> str:
