@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import pytest
@@ -477,3 +478,82 @@ def test_cost_model_is_not_skewed_by_one_slow_layer_timing():
     assert timing.full_ms == pytest.approx(1.0 + 4 * 2.0)
     # half the rows leave after layer 1, half after layer 3: average exit layer 2
     assert timing.batch_ms(torch.tensor([1, 1, 3, 3])) == pytest.approx(1.0 + 2 * 2.0)
+
+
+# --- serving the guarantee ----------------------------------------------------------------------------------
+
+GUARANTEE = {
+    "kind": "accuracy",
+    "epsilon": 0.01,
+    "delta": 0.1,
+    "bound": 0.0082,
+    "n": 1200,
+    "method": "learn-then-test, fixed-sequence; exact test",
+}
+
+
+def test_serve_config_accepts_a_guarantee_and_makes_its_header():
+    serve = ServeConfig.from_section({"policy": "full", "guarantee": GUARANTEE})
+    assert serve.guarantee == GUARANTEE
+    assert serve.guarantee_header == (
+        "accuracy-drop<=0.01; risk=0.1; bound=0.0082; n=1200; method=learn-then-test, fixed-sequence; exact test"
+    )
+    assert ServeConfig.from_section({"policy": "full"}).guarantee_header is None
+    odd = ServeConfig.from_section({"guarantee": {**GUARANTEE, "method": "Berger–Boos\ntest"}})
+    assert odd.guarantee_header.endswith("method=Berger\\u2013Boos test")  # one line of ASCII
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"delta": 1.5}, "'guarantee.delta' must be in [0.0, 1.0]"),
+        ({"bound": 0.02}, "exceeds 'guarantee.epsilon' 0.01: not a certified guarantee"),
+        ({"n": 0}, "'guarantee.n' must be a positive integer"),
+        ({"n": True}, "'guarantee.n' must be int"),
+        ({"epsilon": "0.01"}, "'guarantee.epsilon' must be int or float"),
+        ({"kind": "coverage"}, "'guarantee.kind' must be one of accuracy, consistency"),
+        ({"alpha": 0.1}, "unknown key 'alpha'"),
+        ({"method": " "}, "'guarantee.method' must not be empty"),
+    ],
+)
+def test_serve_config_refuses_a_bad_guarantee(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServeConfig.from_section({"guarantee": {**GUARANTEE, **change}}, source="m.yaml 'epee:'")
+    missing = {key: value for key, value in GUARANTEE.items() if key != "bound"}
+    with pytest.raises(ValueError, match="missing key 'bound'"):
+        ServeConfig.from_section({"guarantee": missing})
+    with pytest.raises(ValueError, match="'guarantee' must be dict"):
+        ServeConfig.from_section({"guarantee": "accuracy"})
+
+
+def test_handler_sends_the_guarantee_on_every_answer():
+    from types import SimpleNamespace
+
+    from epee_core import Answer
+    from handlers.base import GUARANTEE_HEADER, EarlyExitHandler
+
+    class Context:
+        def __init__(self):
+            self.headers = {}
+
+        def set_response_content_type(self, index, value):
+            pass
+
+        def set_response_header(self, index, name, value):
+            self.headers.setdefault(index, {})[name] = value
+
+        def set_response_status(self, *args, **kwargs):
+            pass
+
+        def get_request_id(self, index):
+            return f"r{index}"
+
+    handler = EarlyExitHandler()
+    answers = [Answer(200, {"label": "a"}), Answer(400, {"error": "bad"})]
+    for section, expected in (({"guarantee": GUARANTEE}, True), ({}, False)):
+        handler.context = Context()
+        handler.service = SimpleNamespace(config=ServeConfig.from_section(section))
+        handler.respond(answers, "batch")
+        sent = [handler.context.headers[index].get(GUARANTEE_HEADER) for index in range(2)]
+        assert sent == [ServeConfig.from_section(section).guarantee_header] * 2
+        assert (sent[0] is not None) == expected and (not expected or sent[0].isascii())
