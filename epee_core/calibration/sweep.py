@@ -280,8 +280,9 @@ def choose_certified(
     if certified:
         chosen = settings[selection.index]
         reason = reason.removeprefix(f"{names[selection.index]}: ")
-        # rounded up, so still a valid bound (and never above the budget it was certified under)
-        guarantee["bound"] = min(math.ceil(guarantee["bound"] * 1e6) / 1e6, options.max_accuracy_drop)
+        # rounded up to 6 decimals (float noise aside), so still a valid bound, and never above the budget
+        rounded = math.ceil(round(guarantee["bound"] * 1e6, 6)) / 1e6
+        guarantee["bound"] = min(rounded, options.max_accuracy_drop)
     else:
         chosen, guarantee["bound"] = full, 0.0
     certificate = {
