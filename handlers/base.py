@@ -41,6 +41,7 @@ ISOLATED_METRIC = "EpeeIsolatedFailures"
 BATCH_METRIC = "EpeeBatches"
 BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
 BATCH_ID_HEADER = "X-EPEE-Batch-Id"
+GUARANTEE_HEADER = "X-EPEE-Guarantee"  # what `epee calibrate` certified for the configured policy
 
 
 def reason_phrase(message: str) -> str:
@@ -119,12 +120,16 @@ class EarlyExitHandler(BaseHandler):
         return self.respond(answers, batch_id)
 
     def respond(self, answers: list[Answer], batch_id: str) -> list[dict]:
-        """Status, content type and batch headers per request; a 500 names its request id."""
+        """Status, content type, batch headers and the calibrated guarantee per request; a 500 names its request
+        id."""
         batch_size = str(len(answers))
+        guarantee = self.service.config.guarantee_header
         for index, answer in enumerate(answers):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
             self.context.set_response_header(index, BATCH_ID_HEADER, batch_id)
+            if guarantee:
+                self.context.set_response_header(index, GUARANTEE_HEADER, guarantee)
             if answer.status >= 500:
                 answer.body["request_id"] = self.context.get_request_id(index)
             if answer.status != 200:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import pytest
@@ -396,7 +397,16 @@ def test_run_calibration_writes_yaml_report_and_plot(model_dir, dev_file, tmp_pa
 def test_cli_calibrate_prints_one_json_object(model_dir, dev_file, tmp_path, capsys):
     output = tmp_path / "serve.yaml"
     args = ["calibrate", "--model", str(model_dir), "--data", str(dev_file), "--output", str(output)]
-    assert main([*args, "--cache", str(tmp_path / "cache.st"), "--target-speedup", "1.5", "--json"]) == 0
+    flags = [
+        "--cache",
+        str(tmp_path / "cache.st"),
+        "--target-speedup",
+        "1.5",
+        "--guarantee",
+        "none",
+        "--json",
+    ]
+    assert main([*args, *flags]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["constraint"] == {"target_speedup": 1.5}
     assert report["cache"]["status"] == "built"
@@ -406,9 +416,14 @@ def test_cli_calibrate_prints_one_json_object(model_dir, dev_file, tmp_path, cap
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--metric", "example_f1"], "--metric example_f1: task text-classification reports"),
+        (["--metric", "example_f1", "--guarantee", "none"], "--metric example_f1: task text-classification"),
         (["--target-speedup", "0.5"], "--target-speedup must be greater than 1"),
         (["--max-accuracy-drop", "-0.1"], "--max-accuracy-drop must be in [0, 1)"),
+        (["--target-speedup", "2"], "cannot be combined with --target-speedup: use --guarantee none"),
+        (["--metric", "macro_f1"], "--guarantee accuracy bounds the drop of accuracy"),
+        (["--guarantee", "sure"], "--guarantee must be one of accuracy, consistency, none"),
+        (["--held-back-fraction", "0"], "--held-back-fraction must be above 0"),
+        (["--risk", "0"], "--risk must be in (0, 1)"),
     ],
 )
 def test_cli_calibrate_user_errors_are_one_line(model_dir, dev_file, tmp_path, capsys, extra, message):
@@ -477,3 +492,235 @@ def test_cost_model_is_not_skewed_by_one_slow_layer_timing():
     assert timing.full_ms == pytest.approx(1.0 + 4 * 2.0)
     # half the rows leave after layer 1, half after layer 3: average exit layer 2
     assert timing.batch_ms(torch.tensor([1, 1, 3, 3])) == pytest.approx(1.0 + 2 * 2.0)
+
+
+# --- certified calibration ---------------------------------------------------------------------------------
+
+GUARANTEE_KEYS = {"kind", "epsilon", "delta", "bound", "n", "method"}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"guarantee": "coverage"}, "--guarantee must be one of accuracy, consistency, none"),
+        ({"guarantee": "accuracy", "risk": 1.0}, "--risk must be in (0, 1)"),
+        ({"guarantee": "accuracy", "risk": 0.001}, "--risk must exceed 0.001 with --guarantee accuracy"),
+        ({"guarantee": "accuracy", "target_speedup": 2.0}, "use --guarantee none with --target-speedup"),
+        ({"guarantee": "consistency", "held_back_fraction": 0.0}, "--held-back-fraction must be above 0"),
+        ({"guarantee": "accuracy", "metric": "macro_f1"}, "use --guarantee consistency"),
+    ],
+)
+def test_options_refuse_a_guarantee_they_cannot_keep(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CalibrationOptions(**options).check()
+    CalibrationOptions(**{**options, "guarantee": "none", "risk": 0.1}).check()  # fine without a guarantee
+
+
+def certifying(guarantee: str = "accuracy", **extra) -> CalibrationOptions:
+    return CalibrationOptions(guarantee=guarantee, held_back_fraction=0.6, **extra)
+
+
+def test_certified_choice_on_a_cache_large_enough():
+    # EASY / HARD as above, 1000 rows each: the optimum (easy rows leave at 1, hard at 3) loses no row, so on
+    # 1200 test rows its accuracy drop is certified below 0.01 (a drop of 0.01 would show ~12 rows lost).
+    cache = synthetic_cache([(1000, EASY[1]), (1000, HARD[1])])
+    result = calibrate(cache, SYNTHETIC_SPEC, certifying())
+
+    assert result.certificate["certified"] and result.choice.feasible >= 1
+    exit_layer = replay_policy(result.chosen.policy, cache.logits, False).exit_layer
+    assert exit_layer.tolist() == [1] * 1000 + [3] * 1000
+    guarantee = result.guarantee
+    assert set(guarantee) == GUARANTEE_KEYS and guarantee["kind"] == "accuracy"
+    assert (guarantee["epsilon"], guarantee["delta"], guarantee["n"]) == (0.01, 0.1, 1200)
+    assert guarantee["bound"] <= 0.01 and "learn-then-test" in guarantee["method"]
+    assert result.choice.reason.startswith("accuracy risk ≤ 0.01 certified with probability ≥ 0.9")
+    report = result.report(include_settings=False)
+    assert report["guarantee"] == guarantee and report["certificate"]["test_rows"] == 1200
+    tested = [step for step in report["certificate"]["path"] if step["pvalue"] is not None]
+    assert tested[0]["setting"] == result.chosen.policy.describe() and tested[0]["pvalue"] <= 0.1
+    ServeConfig.from_section(
+        model_yaml(SYNTHETIC_SPEC, result.chosen.policy, ServingOptions(), guarantee)["epee"]
+    )
+
+
+def test_certification_on_too_few_rows_serves_full_and_says_why():
+    # The same rows, 100 of them: with 60 test rows even no row lost cannot rule out a drop of 0.01.
+    result = calibrate(synthetic_cache([EASY, HARD]), SYNTHETIC_SPEC, certifying())
+    assert result.chosen.policy.name == "full"
+    assert not result.certificate["certified"] and result.choice.feasible == 0
+    assert "no setting certified" in result.choice.reason and "serving full depth" in result.choice.reason
+    assert result.guarantee["bound"] == 0.0 and result.guarantee["n"] == 60  # full's drop against itself
+    # without a guarantee the same cache gives the old, uncertified choice
+    assert (
+        calibrate(synthetic_cache([EASY, HARD]), SYNTHETIC_SPEC, CalibrationOptions()).chosen.policy.name
+        != "full"
+    )
+
+
+def test_consistency_certifies_on_data_without_labels():
+    cache = synthetic_cache([(1000, EASY[1]), (1000, HARD[1])], gold=2)  # full depth always wrong
+    unlabelled = cache.labelled_by_full_depth(multi_label=False)
+    assert not unlabelled.labelled and unlabelled.labels.tolist() == [0] * 2000
+    result = calibrate(unlabelled, SYNTHETIC_SPEC, certifying("consistency"))
+    assert result.certificate["certified"] and result.guarantee["kind"] == "consistency"
+    assert result.chosen.calibration.metric == 1.0  # agreement with full depth
+    assert result.report(include_settings=False)["labels"].startswith("none")
+    with pytest.raises(ValueError, match="only --guarantee consistency"):
+        calibrate(unlabelled, SYNTHETIC_SPEC, certifying("accuracy"))
+    # with labels, consistency ignores them: full is always wrong, early exits agree with it
+    assert calibrate(cache, SYNTHETIC_SPEC, certifying("consistency")).certificate["certified"]
+
+
+def test_an_unlabelled_cache_file_stays_unlabelled(tmp_path):
+    unlabelled = synthetic_cache([EASY]).labelled_by_full_depth(multi_label=False)
+    unlabelled.save(tmp_path / "cache.safetensors")
+    assert not LogitCache.load(tmp_path / "cache.safetensors").labelled
+
+
+def calibrate_cli(capsys, model_dir, data, output, *extra) -> dict:
+    capsys.readouterr()
+    args = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output), *extra]
+    assert main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_calibrate_certifies_by_default_and_the_yaml_carries_the_guarantee(
+    model_dir, dev_file, tmp_path, capsys
+):
+    output = tmp_path / "serve.yaml"
+    report = calibrate_cli(capsys, model_dir, dev_file, output, "--cache", str(tmp_path / "c.st"))
+    assert set(report["guarantee"]) == GUARANTEE_KEYS
+    assert report["guarantee"]["kind"] == "accuracy" and report["guarantee"]["delta"] == 0.1
+    assert report["split"]["held_back_fraction"] == 0.6 and report["guarantee"]["n"] == round(0.6 * NUM_DEV)
+    # 14 test rows cannot certify a drop of 0.01: full depth, and why
+    assert report["chosen"]["policy"] == "full" and not report["certificate"]["certified"]
+    assert "no setting certified" in report["reason"] or "no candidate" in report["reason"]
+    text = output.read_text()
+    guarantee_lines = [line for line in text.splitlines() if line.startswith("# guarantee: ")]
+    assert len(guarantee_lines) == 1 and "serving full depth" in guarantee_lines[0]
+    assert yaml.safe_load(text)["epee"]["guarantee"] == report["guarantee"]
+    assert ServeConfig.load(output).guarantee_header.startswith(
+        "accuracy-drop<=0.01; risk=0.1; bound=0; n=14;"
+    )
+
+    # the human output says it too, and --guarantee none keeps the uncertified choice of before
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(dev_file), "--output", str(output),
+                 "--cache", str(tmp_path / "c.st")]) == 0  # fmt: skip
+    assert "guarantee: serving full depth" in capsys.readouterr().out
+    old = calibrate_cli(
+        capsys, model_dir, dev_file, output, "--cache", str(tmp_path / "c.st"), "--guarantee", "none"
+    )
+    options = CalibrationOptions()  # the library default is the old behaviour
+    expected = run_calibration(
+        CalibrationJob(str(model_dir), str(dev_file), str(tmp_path / "lib.yaml"), options=options),
+        notify=lambda message: None,
+    )
+    assert old["guarantee"] is None and "certificate" not in old and old["split"]["held_back_fraction"] == 0.3
+    assert old["chosen"]["setting"] == expected["chosen"]["setting"]
+    assert "guarantee" not in yaml.safe_load(output.read_text())["epee"]
+    assert "# guarantee" not in output.read_text()
+
+
+def test_cli_consistency_certifies_on_a_jsonl_without_labels(model_dir, dev_file, tmp_path, capsys):
+    data = tmp_path / "texts.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": json.loads(line)["text"]}) + "\n" for line in dev_file.open())
+    )
+    output = tmp_path / "serve.yaml"
+    # a generous budget, so that 14 test rows can certify it
+    report = calibrate_cli(
+        capsys, model_dir, data, output, "--guarantee", "consistency", "--max-accuracy-drop", "0.5"
+    )
+    assert report["labels"].startswith("none") and report["full"]["dev"]["metric"] == 1.0
+    assert report["certificate"]["certified"] and report["chosen"]["policy"] != "full"
+    assert report["guarantee"]["kind"] == "consistency" and report["guarantee"]["bound"] <= 0.5
+    header = [line for line in output.read_text().splitlines() if line.startswith("# guarantee: ")]
+    assert header == [f"# guarantee: disagreement with full depth <= 0.5 with probability >= 0.9 over the "
+                      f"calibration sample (n=14 test rows, {report['guarantee']['method']}); upper bound "
+                      f"{report['guarantee']['bound']:.4g}"]  # fmt: skip
+    assert ServeConfig.load(output).guarantee_header.startswith("disagreement<=0.5; risk=0.1; bound=")
+
+    capsys.readouterr()
+    args = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output)]
+    assert main(args) == 2  # accuracy needs labels: one line that says what to do
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "no row has a 'label' field" in error and "--guarantee consistency" in error
+
+
+# --- serving the guarantee ----------------------------------------------------------------------------------
+
+GUARANTEE = {
+    "kind": "accuracy",
+    "epsilon": 0.01,
+    "delta": 0.1,
+    "bound": 0.0082,
+    "n": 1200,
+    "method": "learn-then-test, fixed-sequence; exact test",
+}
+
+
+def test_serve_config_accepts_a_guarantee_and_makes_its_header():
+    serve = ServeConfig.from_section({"policy": "full", "guarantee": GUARANTEE})
+    assert serve.guarantee == GUARANTEE
+    assert serve.guarantee_header == (
+        "accuracy-drop<=0.01; risk=0.1; bound=0.0082; n=1200; method=learn-then-test, fixed-sequence; exact test"
+    )
+    assert ServeConfig.from_section({"policy": "full"}).guarantee_header is None
+    odd = ServeConfig.from_section({"guarantee": {**GUARANTEE, "method": "Berger–Boos\ntest"}})
+    assert odd.guarantee_header.endswith("method=Berger\\u2013Boos test")  # one line of ASCII
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"delta": 1.5}, "'guarantee.delta' must be in [0.0, 1.0]"),
+        ({"bound": 0.02}, "exceeds 'guarantee.epsilon' 0.01: not a certified guarantee"),
+        ({"n": 0}, "'guarantee.n' must be a positive integer"),
+        ({"n": True}, "'guarantee.n' must be int"),
+        ({"epsilon": "0.01"}, "'guarantee.epsilon' must be int or float"),
+        ({"kind": "coverage"}, "'guarantee.kind' must be one of accuracy, consistency"),
+        ({"alpha": 0.1}, "unknown key 'alpha'"),
+        ({"method": " "}, "'guarantee.method' must not be empty"),
+    ],
+)
+def test_serve_config_refuses_a_bad_guarantee(change, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServeConfig.from_section({"guarantee": {**GUARANTEE, **change}}, source="m.yaml 'epee:'")
+    missing = {key: value for key, value in GUARANTEE.items() if key != "bound"}
+    with pytest.raises(ValueError, match="missing key 'bound'"):
+        ServeConfig.from_section({"guarantee": missing})
+    with pytest.raises(ValueError, match="'guarantee' must be dict"):
+        ServeConfig.from_section({"guarantee": "accuracy"})
+
+
+def test_handler_sends_the_guarantee_on_every_answer():
+    from types import SimpleNamespace
+
+    from epee_core import Answer
+    from handlers.base import GUARANTEE_HEADER, EarlyExitHandler
+
+    class Context:
+        def __init__(self):
+            self.headers = {}
+
+        def set_response_content_type(self, index, value):
+            pass
+
+        def set_response_header(self, index, name, value):
+            self.headers.setdefault(index, {})[name] = value
+
+        def set_response_status(self, *args, **kwargs):
+            pass
+
+        def get_request_id(self, index):
+            return f"r{index}"
+
+    handler = EarlyExitHandler()
+    answers = [Answer(200, {"label": "a"}), Answer(400, {"error": "bad"})]
+    for section, expected in (({"guarantee": GUARANTEE}, True), ({}, False)):
+        handler.context = Context()
+        handler.service = SimpleNamespace(config=ServeConfig.from_section(section))
+        handler.respond(answers, "batch")
+        sent = [handler.context.headers[index].get(GUARANTEE_HEADER) for index in range(2)]
+        assert sent == [ServeConfig.from_section(section).guarantee_header] * 2
+        assert (sent[0] is not None) == expected and (not expected or sent[0].isascii())

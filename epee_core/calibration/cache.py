@@ -3,6 +3,8 @@
 A cache is one safetensors file holding tensors only (`logits` [L, N, C], `labels` [N] or [N, C]) and string
 metadata: a fingerprint of the model directory and of the data (file hash + `max_samples`), plus the per-layer
 timing measured when it was built. A cache whose fingerprint no longer matches is stale and is never used.
+Data without labels (`--guarantee consistency` only) is cached with full depth's predictions as its labels and
+marked `labelled: false`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
 from ..engine.model import SPEC_FILE, EarlyExitModel
+from ..engine.policies import layer_probs, predictions
 from ..engine.spec import ConfigError
 
 CACHE_FORMAT = "epee-calibration-cache/1"
@@ -83,6 +86,7 @@ class LogitCache:
     labels: torch.Tensor  # [N] long, or multi-hot [N, C] float for multi-label
     fingerprint: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] | None = None  # `LayerTimes.as_dict()` measured with the model that built it
+    labelled: bool = True  # False: `labels` are full depth's predictions (the data had none)
 
     @property
     def num_layers(self) -> int:
@@ -99,6 +103,7 @@ class LogitCache:
             "format": CACHE_FORMAT,
             "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
             "timing": json.dumps(self.timing),
+            "labelled": json.dumps(self.labelled),
         }
         tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
         save_file(tensors, str(path), metadata=metadata)
@@ -121,7 +126,15 @@ class LogitCache:
             tensors["labels"],
             json.loads(metadata["fingerprint"]),
             json.loads(metadata.get("timing", "null")),
+            json.loads(metadata.get("labelled", "true")),
         )
+
+    def labelled_by_full_depth(self, multi_label: bool) -> LogitCache:
+        """The same logits with full depth's predictions as labels (for data without labels): every metric then
+        measures agreement with full depth."""
+        predicted = predictions(layer_probs(self.logits[-1], multi_label), multi_label)
+        labels = predicted.float() if multi_label else predicted.long()
+        return LogitCache(self.logits, labels, self.fingerprint, self.timing, labelled=False)
 
 
 def stale_reason(cached: dict[str, Any], expected: dict[str, Any]) -> str | None:

@@ -33,8 +33,11 @@ class ServingOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
-def model_yaml(spec: ModelSpec, policy: Policy, serving: ServingOptions) -> dict[str, Any]:
-    """A complete model YAML for `epee package --config`, checked with `ServeConfig.from_section`."""
+def model_yaml(
+    spec: ModelSpec, policy: Policy, serving: ServingOptions, guarantee: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A complete model YAML for `epee package --config`, checked with `ServeConfig.from_section`; a certified
+    `guarantee` (kind, epsilon, delta, bound, n, method) goes into the `epee:` section for the handler to send."""
     section: dict[str, Any] = {"task": spec.task, "policy": policy.name}
     section.update({key: value for key, value in policy.params.items() if key != "min_layer" or value != 1})
     if spec.task in TEXT_TASKS:
@@ -42,6 +45,8 @@ def model_yaml(spec: ModelSpec, policy: Policy, serving: ServingOptions) -> dict
     section["allow_request_override"] = True
     if serving.num_threads is not None:
         section["num_threads"] = serving.num_threads
+    if guarantee is not None:
+        section["guarantee"] = dict(guarantee)
     config = {
         "minWorkers": serving.min_workers,
         "maxWorkers": serving.max_workers,

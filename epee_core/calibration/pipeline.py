@@ -1,5 +1,5 @@
 """`epee calibrate` end to end: get a fresh logit cache (reuse, or one full-depth pass), time the layers once,
-sweep and choose, then write the model YAML, the JSON report and the Pareto plot."""
+sweep and choose (or certify), then write the model YAML, the JSON report and the Pareto plot."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from typing import Any
 import torch
 
 from ..data.text import read_task_examples
+from ..engine.inputs import Example
 from ..engine.model import SPEC_FILE, EarlyExitModel
-from ..engine.spec import ModelSpec
+from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.evaluate import prepare_batches
 from .cache import LogitCache, StaleCacheError, build_cache, fingerprint, load_fresh
 from .model_yaml import ServingOptions, model_yaml, write_model_yaml
 from .plot import plot_frontier
-from .sweep import CalibrationOptions, CalibrationResult, calibrate, check_metric
+from .sweep import CalibrationOptions, CalibrationResult, calibrate, check_metric, describe_guarantee
 from .timing import LayerTimes, measure_layer_times, representative_batch
 
 
@@ -56,13 +57,76 @@ def labelled_batches(
     return prepare_batches(model, examples, batch_size)
 
 
+# The field holding the gold label(s) of a JSONL record, per text task.
+LABEL_FIELDS = {"multi-label": "labels", "relation-extraction": "relation"}
+
+
+def read_unlabelled(path: str | Path, task: str, max_samples: int | None) -> list[Example] | None:
+    """The examples of a JSONL file none of whose rows has a label field, else None (it is labelled: read it with
+    the labelled reader, which also reports rows missing their label)."""
+    path, field = Path(path), LABEL_FIELDS.get(task, "label")
+    if task == "image-classification" or not path.is_file():
+        return None
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object")
+            if field in record:
+                return None
+            wanted = ("text", "head", "tail") if task == "relation-extraction" else ("text",)
+            for name in wanted:
+                if not isinstance(record.get(name), str):
+                    raise ConfigError(f"{path}:{number}: field '{name}' must be a string (task {task})")
+            examples.append(Example(record["text"], head=record.get("head"), tail=record.get("tail")))
+            if max_samples is not None and len(examples) >= max_samples:
+                break
+    if not examples:
+        raise ConfigError(f"{path}: no examples")
+    return examples
+
+
+def dev_batches(
+    model: EarlyExitModel,
+    data_path: str,
+    max_samples: int | None,
+    batch_size: int,
+    allow_unlabelled: bool = False,
+) -> tuple[list[tuple[dict, torch.Tensor]], bool]:
+    """The dev data as model-ready batches and whether it is labelled. A JSONL file with no label on any row is
+    read only when `allow_unlabelled` (its batches carry placeholder labels 0)."""
+    task = model.spec.task
+    unlabelled = read_unlabelled(data_path, task, max_samples)
+    if unlabelled is None:
+        return labelled_batches(model, data_path, max_samples, batch_size), True
+    if not allow_unlabelled:
+        raise ConfigError(
+            f"{data_path}: no row has a '{LABEL_FIELDS.get(task, 'label')}' field: calibrating on data without "
+            f"labels needs --guarantee consistency"
+        )
+    width = len(model.spec.labels)
+    batches = []
+    for start in range(0, len(unlabelled), batch_size):
+        chunk = unlabelled[start : start + batch_size]
+        placeholder = torch.zeros(len(chunk), width) if model.multi_label else torch.zeros(len(chunk)).long()
+        batches.append((model.encode_examples(chunk), placeholder))
+    return batches, False
+
+
 def fresh_cache(
     job: CalibrationJob, batch_size: int, notify: Callable[[str], None] = _stderr
 ) -> tuple[LogitCache, LayerTimes, str]:
     """A cache that matches the model and data, with layer timing at `batch_size`, and what was done to get it.
 
     A `--cache` file is reused when its fingerprint matches; a stale one is rebuilt (and the reason printed).
-    Without `--cache` the logits live in memory only.
+    Without `--cache` the logits live in memory only. Data without labels is cached with full depth's
+    predictions as labels, under `--guarantee consistency` only.
     """
     expected = fingerprint(job.model_dir, job.data_path, job.max_samples)
     cache, status = None, "built (in memory only)"
@@ -80,9 +144,12 @@ def fresh_cache(
         return cache, LayerTimes.from_dict(cache.timing), status
 
     model = EarlyExitModel.from_pretrained(job.model_dir)
-    batches = labelled_batches(model, job.data_path, job.max_samples, batch_size)
+    allow_unlabelled = job.options is not None and job.options.guarantee == "consistency"
+    batches, labelled = dev_batches(model, job.data_path, job.max_samples, batch_size, allow_unlabelled)
     if cache is None:
         cache = build_cache(model, batches, expected)
+        if not labelled:
+            cache = cache.labelled_by_full_depth(model.multi_label)
     else:
         status = f"{status}, layer timing re-measured at batch size {batch_size}"
     timing = measure_layer_times(model, representative_batch(batches, batch_size))
@@ -103,6 +170,11 @@ def _summary_lines(job: CalibrationJob, result: CalibrationResult, num_samples: 
     ]
     if chosen.held_back is not None and full.held_back is not None:
         lines.append(f"held-back slice: {chosen.held_back.metric:.4f} vs full {full.held_back.metric:.4f}")
+    if not result.labelled:
+        lines.append(f"data without labels: {metric} is agreement with full depth")
+    if result.guarantee is not None:
+        certified = bool(result.certificate and result.certificate["certified"])
+        lines.append(f"guarantee: {describe_guarantee(result.guarantee, certified)}")
     return lines + [f"warning: {warning}" for warning in result.warnings]
 
 
@@ -118,7 +190,7 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
     cache, timing, cache_status = fresh_cache(job, serving.batch_size, notify)
     result = calibrate(cache, spec, options, timing)
 
-    config = model_yaml(spec, result.chosen.policy, serving)
+    config = model_yaml(spec, result.chosen.policy, serving, result.guarantee)
     write_model_yaml(job.output, config, _summary_lines(job, result, cache.num_samples))
     if job.plot:
         plot_frontier(

@@ -4,9 +4,10 @@ Pareto frontier (metric vs average exit layer) and the choice under an accuracy 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..engine.policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
@@ -80,13 +81,23 @@ class SliceScore:
         return {key: value for key, value in vars(self).items() if value is not None}
 
 
+class RowOutputs(NamedTuple):
+    """What a setting answers on every dev row: predictions ([N] class indices or [N, C] bool) and 1-based exit
+    layers [N]."""
+
+    predictions: np.ndarray
+    exit_layer: np.ndarray
+
+
 @dataclass
 class Setting:
-    """A policy setting and its scores on the calibration slice and the held-back slice."""
+    """A policy setting and its scores on the calibration slice and the held-back slice (and, when kept, its
+    per-row outputs, which certification tests)."""
 
     policy: Policy
     calibration: SliceScore
     held_back: SliceScore | None
+    rows: RowOutputs | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -148,14 +159,23 @@ class Scorer:
 
 
 def evaluate_settings(
-    policies: Iterable[Policy], logits: torch.Tensor, scorer: Scorer, split: DevSplit
+    policies: Iterable[Policy],
+    logits: torch.Tensor,
+    scorer: Scorer,
+    split: DevSplit,
+    keep_rows: bool = False,
 ) -> list[Setting]:
-    """Replay each policy on the whole cache once, then score both slices."""
+    """Replay each policy on the whole cache once, then score both slices (`keep_rows`: keep every row's
+    prediction and exit layer too)."""
     settings = []
     for policy in policies:
         result = replay_policy(policy, logits, scorer.spec.multi_label, scorer.labels)
         held = scorer.score(result, split.held_back) if split.held_back is not None else None
-        settings.append(Setting(policy, scorer.score(result, split.calibration), held))
+        rows = None
+        if keep_rows:
+            predicted = result.predictions(scorer.spec.multi_label).numpy()
+            rows = RowOutputs(predicted, result.exit_layer.numpy().astype(np.int16))
+        settings.append(Setting(policy, scorer.score(result, split.calibration), held, rows))
     return settings
 
 

@@ -20,13 +20,17 @@ def add_calibrate(commands) -> None:
         help="choose the early-exit policy and its parameters on dev data; write the model YAML",
         description="Cache every exit's logits on the dev data once, replay hundreds of policy settings, and "
         "write the model YAML of the fastest setting within the accuracy budget (or the most accurate one at "
-        "a target speed-up). The choice is made on a calibration slice and checked on a held-back slice.",
+        "a target speed-up). By default the budget is certified: with probability at least 1 - RISK over the "
+        "draw of the dev rows, the chosen setting's accuracy drop vs full depth on new data from the same "
+        "distribution is at most the budget (candidates are ordered on a calibration slice and tested on a "
+        "held-back slice; if none passes, full depth is served). See docs/calibration.md.",
     )
     parser.add_argument("--model", required=True, help="model directory")
     parser.add_argument(
         "--data",
         required=True,
-        help="labelled dev data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+        help="labelled dev data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder; "
+        "with --guarantee consistency a JSONL without labels is accepted",
     )
     parser.add_argument("--output", required=True, help="model YAML to write (for `epee package --config`)")
     constraint = parser.add_mutually_exclusive_group()
@@ -57,13 +61,31 @@ def add_calibrate(commands) -> None:
     )
     parser.add_argument("--max-batch-delay", type=int, default=50, help="YAML maxBatchDelay in ms")
     parser.add_argument("--max-samples", type=int, help="use only the first N examples")
-    parser.add_argument("--held-back-fraction", type=float, default=0.3, help="share of dev rows held back")
+    parser.add_argument(
+        "--guarantee",
+        default="accuracy",
+        help="accuracy (default): certify the accuracy drop vs full depth; consistency: certify the "
+        "disagreement with full depth (needs no labels); none: choose on the calibration slice only",
+    )
+    parser.add_argument(
+        "--risk",
+        type=float,
+        default=0.1,
+        help="probability that the certified budget does not hold (default 0.1)",
+    )
+    parser.add_argument(
+        "--held-back-fraction",
+        type=float,
+        help="share of dev rows held back (default 0.6 when certifying, where they test; else 0.3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-back split")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_calibrate)
 
 
 def render_calibration(report: dict) -> str:
+    from ..calibration.sweep import describe_guarantee
+
     metric = report["metric"]
 
     def row(entry: dict, name: str | None = None) -> dict:
@@ -94,9 +116,22 @@ def render_calibration(report: dict) -> str:
         "Pareto frontier (calibration slice):",
         format_table([row(entry) for entry in report["frontier"]], CALIBRATE_COLUMNS),
     ]
+    if report["labels"] != "gold":
+        lines.append(f"data without labels: {metric} is agreement with full depth")
+    if report.get("guarantee") is not None:
+        certified = report["certificate"]["certified"]
+        lines.append(f"guarantee: {describe_guarantee(report['guarantee'], certified)}")
     lines += [f"warning: {warning}" for warning in report["warnings"]]
     written = [report["output"], report["report"]] + ([report["plot"]] if report["plot"] else [])
     return "\n".join(lines + ["", "wrote " + ", ".join(written)])
+
+
+def held_back_fraction(args) -> float:
+    """--held-back-fraction, else 0.6 when certifying (the held-back rows are the test: more rows, a tighter
+    bound) and 0.3 otherwise."""
+    if args.held_back_fraction is not None:
+        return args.held_back_fraction
+    return 0.3 if args.guarantee == "none" else 0.6
 
 
 def run_calibrate(args) -> None:
@@ -115,8 +150,10 @@ def run_calibrate(args) -> None:
             metric=args.metric,
             max_accuracy_drop=args.max_accuracy_drop,
             target_speedup=args.target_speedup,
-            held_back_fraction=args.held_back_fraction,
+            held_back_fraction=held_back_fraction(args),
             seed=args.seed,
+            guarantee=args.guarantee,
+            risk=args.risk,
         ),
     )
     report = run_calibration(job)

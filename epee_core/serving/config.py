@@ -30,6 +30,55 @@ SERVE_KEYS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
+# The `guarantee:` mapping `epee calibrate` writes when it certified the policy (docs/calibration.md).
+GUARANTEE_KEYS = ("epsilon", "delta", "bound", "n", "method")
+GUARANTEE_KINDS = {"accuracy": "accuracy-drop", "consistency": "disagreement"}
+
+
+def _number(value: Any, key: str, source: str, low: float, high: float) -> float:
+    check_type(value, f"guarantee.{key}", (int, float), source)
+    if not low <= value <= high:
+        raise ConfigError(f"{source}: 'guarantee.{key}' must be in [{low}, {high}], got {value!r}")
+    return value
+
+
+def check_guarantee(value: Any, source: str) -> dict[str, Any]:
+    """The `guarantee:` mapping: `epsilon` (the budget), `delta` (the risk), `bound` (the upper confidence bound,
+    at most `epsilon`), `n` (test rows), `method`, and optionally `kind` (accuracy or consistency)."""
+    check_type(value, "guarantee", dict, source)
+    allowed = (*GUARANTEE_KEYS, "kind")
+    unknown = sorted(set(value) - set(allowed))
+    missing = [key for key in GUARANTEE_KEYS if key not in value]
+    if unknown or missing:
+        problem = f"unknown key '{unknown[0]}'" if unknown else f"missing key '{missing[0]}'"
+        raise ConfigError(f"{source}: 'guarantee': {problem} (expected: {', '.join(allowed)})")
+    if value.get("kind", "accuracy") not in GUARANTEE_KINDS:
+        raise ConfigError(
+            f"{source}: 'guarantee.kind' must be one of {', '.join(GUARANTEE_KINDS)}, got {value['kind']!r}"
+        )
+    epsilon = _number(value["epsilon"], "epsilon", source, 0.0, 1.0)
+    _number(value["delta"], "delta", source, 0.0, 1.0)
+    if _number(value["bound"], "bound", source, -1.0, 1.0) > epsilon:
+        raise ConfigError(
+            f"{source}: 'guarantee.bound' {value['bound']} exceeds 'guarantee.epsilon' {epsilon}: not a "
+            f"certified guarantee"
+        )
+    if check_type(value["n"], "guarantee.n", int, source) < 1:
+        raise ConfigError(f"{source}: 'guarantee.n' must be a positive integer, got {value['n']!r}")
+    if not check_type(value["method"], "guarantee.method", str, source).strip():
+        raise ConfigError(f"{source}: 'guarantee.method' must not be empty")
+    return dict(value)
+
+
+def guarantee_header(guarantee: Mapping[str, Any]) -> str:
+    """The `X-EPEE-Guarantee` value: one line of ASCII, e.g.
+    `accuracy-drop<=0.01; risk=0.1; bound=0.0082; n=1200; method=...`."""
+    kind = GUARANTEE_KINDS.get(guarantee.get("kind", "accuracy"), "risk")
+    text = (
+        f"{kind}<={guarantee['epsilon']:g}; risk={guarantee['delta']:g}; bound={guarantee['bound']:.4g}; "
+        f"n={guarantee['n']}; method={guarantee['method']}"
+    )
+    return " ".join(text.encode("ascii", "backslashreplace").decode("ascii").split())
 
 
 @dataclass
@@ -52,6 +101,12 @@ class ServeConfig:
     log_inputs: bool = False  # debugging on synthetic data only: writes request bodies to the logs (PHI!)
     max_rows_per_request: int = 64  # rows of one Open Inference Protocol request
     dtype: str | None = None  # weights on a GPU: float16, bfloat16 or float32 (CPU always runs float32)
+    guarantee: dict[str, Any] | None = None  # what calibration certified for `policy` (see `check_guarantee`)
+
+    @property
+    def guarantee_header(self) -> str | None:
+        """The `X-EPEE-Guarantee` response header value, or None without a guarantee."""
+        return guarantee_header(self.guarantee) if self.guarantee else None
 
     @classmethod
     def from_section(
@@ -63,10 +118,12 @@ class ServeConfig:
         for key, value in section.items():
             if key in SERVE_KEYS:
                 settings[key] = check_type(value, key, SERVE_KEYS[key], source)
+            elif key == "guarantee":
+                settings[key] = check_guarantee(value, source)
             elif key in ALL_PARAM_KEYS:
                 params[key] = value
             else:
-                allowed = ", ".join(sorted(set(SERVE_KEYS) | ALL_PARAM_KEYS))
+                allowed = ", ".join(sorted({*SERVE_KEYS, "guarantee"} | ALL_PARAM_KEYS))
                 raise ConfigError(f"{source}: unknown key '{key}' (expected one of: {allowed})")
         task = settings.get("task")
         if task is not None and task not in TASKS:
