@@ -18,6 +18,7 @@ from epee_core.calibration.certify import (
     exact_pvalue,
     exact_upper,
     paired_losses,
+    risk_path,
     risk_pvalue,
     risk_upper,
     selection_from_cache,
@@ -297,3 +298,9 @@ def test_selection_from_cache_checks_its_rows_and_paths_only_faster_settings():
         selection_from_cache(
             outputs, exits, predictions[:, -1], gold, LAYERS, order_rows, order_rows, 0.05, 0.1
         )
+
+
+def test_settings_tied_on_the_ordering_rows_are_tested_costliest_first():
+    scores = np.array([0.0, 0.0, 0.0, 0.5])  # three settings lost nothing on the ordering rows
+    costs = np.array([1.5, 3.0, 2.0, 1.0])
+    assert risk_path(scores, costs, num_layers=6) == [1, 2, 0, 3]  # the risky cheapest one comes last

@@ -374,11 +374,13 @@ def order_scores(order_losses: np.ndarray, num_test: int, delta: float) -> np.nd
 
 def risk_path(scores: np.ndarray, costs: np.ndarray, num_layers: float) -> list[int]:
     """Indices of the score/cost Pareto frontier among settings cheaper than full depth, safest (costliest)
-    first: walking from the cheapest, keep a setting only if its score is below every cheaper kept one's."""
+    first: walking from the cheapest, keep a setting if its score is not above any cheaper kept one's. Ties stay
+    on the path, costliest first: settings that lost nothing on the ordering rows are tested from the slowest
+    (closest to full depth) on, so one lucky fast setting cannot end the sequence before a safe one is tested."""
     cheaper = (i for i in range(len(scores)) if costs[i] < num_layers)
     frontier: list[int] = []
     for index in sorted(cheaper, key=lambda i: (costs[i], scores[i], i)):
-        if not frontier or scores[index] < scores[frontier[-1]]:
+        if not frontier or scores[index] <= scores[frontier[-1]]:
             frontier.append(index)
     return frontier[::-1]
 

@@ -24,6 +24,8 @@ from .cache import LogitCache
 from .certify import GAMMA, selection_from_cache
 from .replay import replay_policy
 from .search import (
+    CERTIFIED_POLICIES,
+    SEARCHABLE_POLICIES,
     Choice,
     DevSplit,
     Scorer,
@@ -59,6 +61,7 @@ class CalibrationOptions:
     seed: int = 0
     guarantee: str = "none"
     risk: float = 0.1
+    policies: tuple[str, ...] | None = None  # families to search (default: CERTIFIED_POLICIES or all of them)
 
     @property
     def certifying(self) -> bool:
@@ -73,6 +76,12 @@ class CalibrationOptions:
             raise ConfigError(f"--target-speedup must be greater than 1, got {self.target_speedup}")
         if not 0.0 <= self.held_back_fraction <= 0.9:
             raise ConfigError(f"--held-back-fraction must be in [0, 0.9], got {self.held_back_fraction}")
+        unknown = [name for name in self.policies or () if name not in SEARCHABLE_POLICIES]
+        if unknown or self.policies == ():
+            raise ConfigError(
+                f"--policies must name one or more of {', '.join(SEARCHABLE_POLICIES)}, got "
+                f"{', '.join(self.policies or ()) or 'none'}"
+            )
         if self.guarantee not in GUARANTEES:
             raise ConfigError(f"--guarantee must be one of {', '.join(GUARANTEES)}, got {self.guarantee!r}")
         if not 0.0 < self.risk < 1.0:
@@ -205,7 +214,9 @@ def calibrate(
     full, oracle = evaluate_settings(
         [make_policy("full"), make_policy("oracle")], cache.logits, scorer, split, keep
     )
-    policies = search_space(spec.num_layers) if policies is None else policies
+    if policies is None:
+        families = options.policies or (CERTIFIED_POLICIES if options.certifying else SEARCHABLE_POLICIES)
+        policies = [policy for policy in search_space(spec.num_layers) if policy.name in families]
     progress = tqdm(policies, desc="replaying settings", unit="setting")
     settings = evaluate_settings(progress, cache.logits, scorer, split, keep)
 

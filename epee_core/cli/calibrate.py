@@ -78,6 +78,11 @@ def add_calibrate(commands) -> None:
         type=float,
         help="share of dev rows held back (default 0.6 when certifying, where they test; else 0.3)",
     )
+    parser.add_argument(
+        "--policies",
+        help="policy families to search, comma-separated (default when certifying: max_prob, entropy, patience, "
+        "epee; with --guarantee none: also static and fpabee)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-back split")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_calibrate)
@@ -154,6 +159,7 @@ def run_calibrate(args) -> None:
             seed=args.seed,
             guarantee=args.guarantee,
             risk=args.risk,
+            policies=tuple(name.strip() for name in args.policies.split(",")) if args.policies else None,
         ),
     )
     report = run_calibration(job)
