@@ -69,19 +69,22 @@ class EarlyExitHandler(BaseHandler):
             torch.set_num_threads(config.num_threads)
         device, dtype = config.placement(context.system_properties.get("gpu_id"))
         model_dir = Path(context.system_properties["model_dir"]) / ARCHIVE_MODEL_DIR
-        model = EarlyExitModel.from_pretrained(model_dir, device=device, dtype=dtype)
+        model = EarlyExitModel.from_pretrained(
+            model_dir, device=device, dtype=dtype, quantize=config.quantize
+        )
         version = (self.manifest or {}).get("model", {}).get("modelVersion")
         self.service = self.service_class(model, config, model_name=context.model_name, model_version=version)
         self.initialized = True
         spec = self.service.spec
         logger.info(
-            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, %d torch threads, engine %s",
+            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, quantize %s, %d torch threads, engine %s",
             context.model_name,
             spec.task,
             spec.num_layers,
             config.policy.describe(),
             model.device,
             str(model.dtype).removeprefix("torch."),
+            config.quantize,
             torch.get_num_threads(),
             Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
         )

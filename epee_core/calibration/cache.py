@@ -87,6 +87,15 @@ class LogitCache:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] | None = None  # `LayerTimes.as_dict()` measured with the model that built it
     labelled: bool = True  # False: `labels` are full depth's predictions (the data had none)
+    reference: torch.Tensor | None = None  # [N, C] float32 full depth's logits when `logits` come from int8
+
+    @property
+    def full_depth_logits(self) -> torch.Tensor:
+        """The logits `full` is judged by: the cache's own, or with the float32 model's last exit when the cache
+        holds a quantized model's exits (int8 is calibrated against float32 full depth)."""
+        if self.reference is None:
+            return self.logits
+        return torch.cat([self.logits[:-1], self.reference[None]])
 
     @property
     def num_layers(self) -> int:
@@ -106,6 +115,8 @@ class LogitCache:
             "labelled": json.dumps(self.labelled),
         }
         tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
+        if self.reference is not None:
+            tensors["reference"] = self.reference.contiguous()
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -119,7 +130,11 @@ class LogitCache:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as error:
             raise ConfigError(f"{path}: not a calibration cache ({error})") from None
-        if metadata.get("format") != CACHE_FORMAT or set(tensors) != {"logits", "labels"}:
+        if metadata.get("format") != CACHE_FORMAT or not {"logits", "labels"} <= set(tensors) <= {
+            "logits",
+            "labels",
+            "reference",
+        }:
             raise ConfigError(f"{path}: not a calibration cache (expected format {CACHE_FORMAT})")
         return cls(
             tensors["logits"],
@@ -127,6 +142,7 @@ class LogitCache:
             json.loads(metadata["fingerprint"]),
             json.loads(metadata.get("timing", "null")),
             json.loads(metadata.get("labelled", "true")),
+            tensors.get("reference"),
         )
 
     def labelled_by_full_depth(self, multi_label: bool) -> LogitCache:
@@ -134,7 +150,7 @@ class LogitCache:
         measures agreement with full depth."""
         predicted = predictions(layer_probs(self.logits[-1], multi_label), multi_label)
         labels = predicted.float() if multi_label else predicted.long()
-        return LogitCache(self.logits, labels, self.fingerprint, self.timing, labelled=False)
+        return LogitCache(self.logits, labels, self.fingerprint, self.timing, False, self.reference)
 
 
 def stale_reason(cached: dict[str, Any], expected: dict[str, Any]) -> str | None:

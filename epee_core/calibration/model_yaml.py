@@ -23,10 +23,11 @@ class ServingOptions:
     max_workers: int = 1
     response_timeout: int = 120  # s
     num_threads: int | None = None  # torch threads per worker (`epee:` section); None: torch's default
+    quantize: str = "none"  # "int8": the worker quantizes at load, and calibration ran on the int8 model
 
     def check(self) -> None:
         for name, value in vars(self).items():
-            if value is None:
+            if value is None or isinstance(value, str):
                 continue
             minimum = 0 if name == "max_batch_delay" else 1
             if value < minimum:
@@ -45,6 +46,8 @@ def model_yaml(
     section["allow_request_override"] = True
     if serving.num_threads is not None:
         section["num_threads"] = serving.num_threads
+    if serving.quantize != "none":
+        section["quantize"] = serving.quantize
     if guarantee is not None:
         section["guarantee"] = dict(guarantee)
     config = {

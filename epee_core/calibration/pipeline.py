@@ -128,7 +128,8 @@ def fresh_cache(
     Without `--cache` the logits live in memory only. Data without labels is cached with full depth's
     predictions as labels, under `--guarantee consistency` only.
     """
-    expected = fingerprint(job.model_dir, job.data_path, job.max_samples)
+    quantize = (job.serving or ServingOptions()).quantize
+    expected = {**fingerprint(job.model_dir, job.data_path, job.max_samples), "quantize": quantize}
     cache, status = None, "built (in memory only)"
     if job.cache_path and Path(job.cache_path).exists():
         try:
@@ -143,11 +144,14 @@ def fresh_cache(
     if cache is not None and timing_ok:
         return cache, LayerTimes.from_dict(cache.timing), status
 
-    model = EarlyExitModel.from_pretrained(job.model_dir)
+    model = EarlyExitModel.from_pretrained(job.model_dir, quantize=quantize)
     allow_unlabelled = job.options is not None and job.options.guarantee == "consistency"
     batches, labelled = dev_batches(model, job.data_path, job.max_samples, batch_size, allow_unlabelled)
     if cache is None:
         cache = build_cache(model, batches, expected)
+        if quantize != "none":  # judged against float32 full depth
+            reference = EarlyExitModel.from_pretrained(job.model_dir)
+            cache.reference = torch.cat([reference.stock_logits(inputs).float() for inputs, _ in batches])
         if not labelled:
             cache = cache.labelled_by_full_depth(model.multi_label)
     else:

@@ -211,9 +211,8 @@ def calibrate(
     scorer = Scorer(spec, cache.labels, options.metric, timing)
     check_metric(spec, options.metric)
     keep = options.certifying
-    full, oracle = evaluate_settings(
-        [make_policy("full"), make_policy("oracle")], cache.logits, scorer, split, keep
-    )
+    (full,) = evaluate_settings([make_policy("full")], cache.full_depth_logits, scorer, split, keep)
+    (oracle,) = evaluate_settings([make_policy("oracle")], cache.logits, scorer, split, keep)
     if policies is None:
         families = options.policies or (CERTIFIED_POLICIES if options.certifying else SEARCHABLE_POLICIES)
         policies = [policy for policy in search_space(spec.num_layers) if policy.name in families]
@@ -229,8 +228,12 @@ def calibrate(
         choice = choose_within_budget(settings, full, options.max_accuracy_drop, options.metric)
     all_rows = torch.arange(cache.num_samples)
     dev = {
-        name: scorer.score(replay_policy(s.policy, cache.logits, spec.multi_label, cache.labels), all_rows)
-        for name, s in (("full", full), ("oracle", oracle), ("chosen", choice.setting))
+        name: scorer.score(replay_policy(s.policy, logits, spec.multi_label, cache.labels), all_rows)
+        for name, s, logits in (
+            ("full", full, cache.full_depth_logits),
+            ("oracle", oracle, cache.logits),
+            ("chosen", choice.setting, cache.logits),
+        )
     }
     return CalibrationResult(
         options=options,

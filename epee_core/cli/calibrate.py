@@ -83,6 +83,12 @@ def add_calibrate(commands) -> None:
         help="policy families to search, comma-separated (default when certifying: max_prob, entropy, patience, "
         "epee; with --guarantee none: also static and fpabee)",
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="calibrate the int8 model against float32 full depth and write 'quantize: int8' into the YAML",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-back split")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_calibrate)
@@ -150,7 +156,9 @@ def run_calibrate(args) -> None:
         cache_path=args.cache,
         report_path=args.report,
         max_samples=args.max_samples,
-        serving=ServingOptions(batch_size=args.batch_size, max_batch_delay=args.max_batch_delay),
+        serving=ServingOptions(
+            batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, quantize=args.quantize
+        ),
         options=CalibrationOptions(
             metric=args.metric,
             max_accuracy_drop=args.max_accuracy_drop,

@@ -73,3 +73,17 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in body]
     return "\n".join(lines)
+
+
+def add_quantize_argument(parser, what: str) -> None:
+    """`--quantize none|int8` (default: the `--config` YAML's `quantize`, else none)."""
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        help=f"{what} (default: the --config YAML's 'quantize', else none); int8 runs on the CPU",
+    )
+
+
+def quantize_choice(args, serve: ServeConfig | None) -> str:
+    """The quantization a command runs with: `--quantize`, else the model YAML's, else none."""
+    return args.quantize or (serve.quantize if serve else "none")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from ..engine.policies import POLICY_NAMES, PolicyError
 from ..serving.config import ServeConfig
-from .common import CommandError, emit, format_table, policies_from_args
+from .common import (
+    CommandError,
+    add_quantize_argument,
+    emit,
+    format_table,
+    policies_from_args,
+    quantize_choice,
+)
 
 EVALUATE_COLUMNS = [
     ("policy", "policy"),
@@ -36,6 +43,7 @@ def add_evaluate(commands) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int)
+    add_quantize_argument(parser, "run the model in int8")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_evaluate)
 
@@ -46,7 +54,8 @@ def run_evaluate(args) -> None:
     from ..evaluation.evaluate import evaluate_policies
 
     policies = policies_from_args(args.policy, args.set, args.config)
-    model = EarlyExitModel.from_pretrained(args.model)
+    serve = ServeConfig.load(args.config) if args.config else None
+    model = EarlyExitModel.from_pretrained(args.model, quantize=quantize_choice(args, serve))
     examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
     results = evaluate_policies(model, examples, policies, args.batch_size)
     columns = list(EVALUATE_COLUMNS)
@@ -97,6 +106,7 @@ def add_bench(commands) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="weights' dtype (default float32)"
     )
+    add_quantize_argument(parser, "run the policies in int8; the `hf` row stays the float32 stock forward")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_bench)
 
@@ -144,12 +154,15 @@ def run_bench(args) -> None:
     if len({policy.name for policy in policies}) != len(policies):
         raise PolicyError(f"--policies names a policy twice: {names}")
     device, dtype = bench_placement(args.device, args.dtype)
-    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype)
+    quantize = quantize_choice(args, serve)
+    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, quantize=quantize)
+    # the stock-handler baseline is the plain float32 model, whatever the policies run in
+    stock = EarlyExitModel.from_pretrained(args.model, device=device) if quantize != "none" else None
     examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
     threads = args.threads or (serve.num_threads if serve else None)
-    report = bench.run_bench(model, examples, policies, batch_sizes, threads)
+    report = bench.run_bench(model, examples, policies, batch_sizes, threads, stock_model=stock)
     report = {"model": args.model, "data": args.data, "config": args.config, "device": str(device),
-              "dtype": str(model.dtype).removeprefix("torch."), **report}  # fmt: skip
+              "dtype": str(model.dtype).removeprefix("torch."), "quantize": quantize, **report}  # fmt: skip
     stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
     report["written"] = [str(json_path), str(markdown_path)]

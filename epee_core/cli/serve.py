@@ -18,6 +18,11 @@ def add_package(commands) -> None:
     parser.add_argument(
         "--export-path", default="model_store", help="where to write the .mar (default model_store)"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        help="set the archived YAML's 'quantize' (int8: workers quantize at load; default: as the YAML says)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_package)
 
@@ -26,7 +31,9 @@ def run_package(args) -> None:
     from ..ops.packaging import PackageError, package_model
 
     try:
-        summary = package_model(args.model, args.config, args.name, args.version, args.export_path)
+        summary = package_model(
+            args.model, args.config, args.name, args.version, args.export_path, args.quantize
+        )
     except PackageError as error:
         raise CommandError(str(error)) from None
     emit(

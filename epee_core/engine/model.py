@@ -29,6 +29,7 @@ from .inputs import (
     model_text,
     processor_image_size,
 )
+from .quantize import quantize_model
 from .spec import ConfigError, ModelSpec
 
 EXITS_FILE = "exits.safetensors"
@@ -92,6 +93,7 @@ class EarlyExitModel(nn.Module):
         )
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.quantization = "none"  # set by `quantize.quantize_model`
 
     @property
     def num_layers(self) -> int:
@@ -154,9 +156,11 @@ class EarlyExitModel(nn.Module):
         directory: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        quantize: str = "none",
     ) -> EarlyExitModel:
         """Load a model directory written by `save_pretrained`, on `device` (weights in `dtype`, default as
-        saved: float32); errors name the missing or bad file."""
+        saved: float32), then quantized (`quantize="int8"`: CPU only, see `quantize.py`); errors name the missing
+        or bad file."""
         directory = Path(directory)
         spec = read_model_spec(directory)
         backbone = load_pretrained_backbone(directory)
@@ -178,4 +182,4 @@ class EarlyExitModel(nn.Module):
             raise ConfigError(
                 f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
             ) from None
-        return model.to(device=device, dtype=dtype).eval()
+        return quantize_model(model.to(device=device, dtype=dtype).eval(), quantize)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from ..engine.model import read_model_spec
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
 from ..serving.config import ServeConfig
@@ -78,6 +80,14 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
     return spec, serve_config
 
 
+def _with_quantize(config_path: Path, target: Path, quantize: str) -> Path:
+    """A copy of the model YAML whose `epee:` section says `quantize: <quantize>`."""
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config["epee"] = {**config["epee"], "quantize": quantize}
+    target.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return target
+
+
 def archiver_command() -> list[str]:
     """`torch-model-archiver` from the running environment (next to this Python), else from PATH."""
     beside = Path(sys.executable).parent / "torch-model-archiver"
@@ -93,8 +103,12 @@ def package_model(
     name: str,
     version: str = "1.0",
     export_path: str | Path = "model_store",
+    quantize: str | None = None,
 ) -> dict:
-    """Build `export_path/NAME.mar` (overwriting it); returns a summary with the archive's path and size."""
+    """Build `export_path/NAME.mar` (overwriting it); returns a summary with the archive's path and size.
+
+    `quantize` ("int8" or "none") overrides the YAML's `quantize` in the archived copy: the worker quantizes at
+    load, so the archive keeps the float32 weights either way."""
     model_dir, config_path, export_path = Path(model_dir), Path(config_path), Path(export_path)
     spec, serve_config = check_inputs(model_dir, config_path, name)
     handler_file = HANDLERS_DIR / HANDLER_FOR_TASK[spec.task]
@@ -107,6 +121,9 @@ def package_model(
         _copy_model_dir(model_dir, extra / ARCHIVE_MODEL_DIR)
         _copy_sources(PACKAGE_DIR, extra / "epee_core", WORKER_SOURCES)
         _copy_sources(HANDLERS_DIR, extra / "handlers")
+        if quantize is not None:
+            config_path = _with_quantize(config_path, Path(work) / config_path.name, quantize)
+            serve_config = ServeConfig.load(config_path)
         command = archiver_command() + [
             "--model-name", name,
             "--version", version,
@@ -130,6 +147,7 @@ def package_model(
         "task": spec.task,
         "handler": handler_file.name,
         "policy": serve_config.policy.describe(),
+        "quantize": serve_config.quantize,
         "size_mb": round(archive.stat().st_size / 1e6, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
+from ..engine.quantize import SCHEMES as QUANTIZE_SCHEMES
 from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
 
 SERVE_KEYS = {
@@ -26,6 +27,7 @@ SERVE_KEYS = {
     "log_inputs": bool,
     "max_rows_per_request": int,
     "dtype": str,
+    "quantize": str,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -101,6 +103,7 @@ class ServeConfig:
     log_inputs: bool = False  # debugging on synthetic data only: writes request bodies to the logs (PHI!)
     max_rows_per_request: int = 64  # rows of one Open Inference Protocol request
     dtype: str | None = None  # weights on a GPU: float16, bfloat16 or float32 (CPU always runs float32)
+    quantize: str = "none"  # "int8": the worker quantizes the backbone at load (CPU; engine/quantize.py)
     guarantee: dict[str, Any] | None = None  # what calibration certified for `policy` (see `check_guarantee`)
 
     @property
@@ -131,6 +134,10 @@ class ServeConfig:
         dtype = settings.get("dtype")
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"{source}: 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if settings.get("quantize", "none") not in QUANTIZE_SCHEMES:
+            raise ConfigError(
+                f"{source}: 'quantize' must be one of {', '.join(QUANTIZE_SCHEMES)}, got {settings['quantize']!r}"
+            )
         positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
                     "max_rows_per_request")  # fmt: skip
         for key in positive:
@@ -177,6 +184,9 @@ class ServeConfig:
         if gpu_id is not None and cuda_available:
             device = torch.device("cuda", int(gpu_id))
         dtype = DTYPES[self.dtype or "float32"]
+        if self.quantize != "none" and device.type != "cpu":
+            logger.warning("epee: quantize %s runs on the CPU; this worker ignores its GPU", self.quantize)
+            device, dtype = torch.device("cpu"), torch.float32
         if device.type == "cpu" and dtype != torch.float32:
             logger.warning("epee: dtype %s needs a GPU; this worker runs on the CPU in float32", self.dtype)
             dtype = torch.float32

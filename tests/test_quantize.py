@@ -1,0 +1,135 @@
+"""int8 on CPU (engine/quantize.py): the layer-wise runner works unchanged on every backbone, answers stay close to
+float32, a row's exit does not depend on its batch-mates, and every command and the worker take `quantize`."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+import yaml
+from helpers import DEMO_DATA, build_tiny_model, random_batch, random_pixels, single_row
+
+from epee_core.cli import main
+from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.policies import make_policy
+from epee_core.engine.quantize import Int8Linear, quantize_model
+from epee_core.engine.runner import run_bucketed, run_early_exit
+from epee_core.engine.spec import ConfigError
+from epee_core.serving.config import ServeConfig
+
+KINDS = ["bert", "albert", "gpt2", "vit"]
+
+
+def inputs_for(model: EarlyExitModel, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    if model.backbone.modality == "image":
+        return random_pixels(batch_size, seed=5)
+    return random_batch(batch_size, len(model.tokenizer), max_len=30, seed=5)
+
+
+def test_int8_linear_is_close_to_the_float_product():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    x = torch.randn(10, 64)
+    error = (Int8Linear.from_linear(linear)(x) - linear(x)).abs().max()
+    assert 0 < error < 0.05 * linear(x).abs().max()  # quantized (not equal), but close
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_backbone_runs_in_int8_close_to_float32(tokenizer, kind):
+    model = build_tiny_model(tokenizer, kind=kind)
+    inputs = inputs_for(model)
+    reference = run_bucketed(model, inputs, make_policy("full")).probs
+    quantize_model(model, "int8")
+    assert model.quantization == "int8"
+    assert any(isinstance(module, Int8Linear) for module in model.backbone.modules())
+    assert not any(isinstance(module, Int8Linear) for module in model.exits.modules())  # heads stay float32
+    probs = run_bucketed(model, inputs, make_policy("full")).probs
+    assert torch.equal(probs.argmax(-1), reference.argmax(-1))
+    assert (probs - reference).abs().max() < 0.1  # random tiny models with sharpened heads: the worst case
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_an_int8_row_exits_where_it_exits_alone(tokenizer, kind):
+    """Per-token activation scales: a row's int8 arithmetic does not depend on the rest of its batch."""
+    model = quantize_model(build_tiny_model(tokenizer, kind=kind), "int8")
+    batch = inputs_for(model, 12)
+    policy = make_policy("entropy", {"entropy_threshold": 0.3})
+    batched = run_bucketed(model, batch, policy, overhead_tokens=4)
+    for row in range(12):
+        alone = run_early_exit(model, single_row(batch, row), policy)
+        assert batched.exit_layer[row] == alone.exit_layer[0], f"row {row}"
+        torch.testing.assert_close(batched.probs[row], alone.probs[0], atol=1e-4, rtol=1e-3)
+
+
+def test_quantize_is_a_checked_serving_key():
+    assert ServeConfig.from_section({"quantize": "int8"}).quantize == "int8"
+    assert ServeConfig.from_section({}).quantize == "none"
+    with pytest.raises(ConfigError, match="'quantize' must be one of none, int8"):
+        ServeConfig.from_section({"quantize": "int4"})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("quantize") / "tiny"
+    build_tiny_model(tokenizer).save_pretrained(directory)
+    return directory
+
+
+def labelled_rows(path, count: int):
+    rows = [json.loads(line) for line in (DEMO_DATA / "ade_demo_dev.jsonl").open()][:count]
+    path.write_text(
+        "".join(json.dumps({"text": r["text"], "label": "abc"[i % 3]}) + "\n" for i, r in enumerate(rows))
+    )
+    return path
+
+
+def test_bench_in_int8_keeps_the_float32_stock_row(model_dir, tmp_path, capsys):
+    data = labelled_rows(tmp_path / "dev.jsonl", 24)
+    argv = ["bench", "--model", str(model_dir), "--data", str(data), "--policies", "full,entropy",
+            "--batch-sizes", "8", "--threads", "1", "--quantize", "int8", "--output-dir", str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantize"] == "int8"
+    assert [row["policy"] for row in report["results"]] == ["full", "entropy", "hf"]
+    assert all(row["throughput_vs_hf"] > 0 for row in report["results"])
+
+
+def test_calibrate_in_int8_judges_against_float32_and_the_yaml_says_int8(model_dir, tmp_path, capsys):
+    data = labelled_rows(tmp_path / "dev.jsonl", 60)
+    output, cache = tmp_path / "tiny.yaml", tmp_path / "cache.safetensors"
+    argv = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output),
+            "--quantize", "int8", "--guarantee", "none", "--cache", str(cache), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert yaml.safe_load(output.read_text())["epee"]["quantize"] == "int8"
+    from epee_core.calibration.cache import LogitCache
+
+    stored = LogitCache.load(cache)
+    fp32 = EarlyExitModel.from_pretrained(model_dir)
+    assert stored.reference is not None and stored.fingerprint["quantize"] == "int8"
+    assert not torch.equal(stored.reference, stored.logits[-1])  # int8's last exit differs from float32's ...
+    torch.testing.assert_close(
+        stored.reference, stored.full_depth_logits[-1]
+    )  # ... which `full` is judged by
+    assert fp32.quantization == "none"
+
+
+def test_evaluate_takes_quantize_from_the_yaml_and_package_can_set_it(model_dir, tmp_path, capsys):
+    data = labelled_rows(tmp_path / "dev.jsonl", 16)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 20\nepee:\n  policy: full\n"
+    )
+    assert main(["evaluate", "--model", str(model_dir), "--data", str(data), "--config", str(config),
+                 "--quantize", "int8", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["accuracy"] >= 0
+    argv = ["package", "--model", str(model_dir), "--config", str(config), "--name", "tiny8",
+            "--export-path", str(tmp_path / "store"), "--quantize", "int8", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quantize"] == "int8"
+    with zipfile.ZipFile(summary["archive"]) as archive:
+        assert yaml.safe_load(archive.read("tiny.yaml"))["epee"]["quantize"] == "int8"
+    assert "quantize" not in yaml.safe_load(config.read_text())["epee"]  # the user's file is left alone
