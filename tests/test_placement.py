@@ -72,9 +72,9 @@ class FakeContext(SimpleNamespace):
     """What `initialize` reads of TorchServe's context."""
 
 
-def fake_context(tmp_path: Path, tokenizer, gpu_id, dtype: str | None = None) -> FakeContext:
+def fake_context(tmp_path: Path, tokenizer, gpu_id, dtype: str | None = None, **extra) -> FakeContext:
     build_tiny_model(tokenizer).save_pretrained(tmp_path / "model")
-    section = {"task": "text-classification", **({"dtype": dtype} if dtype else {})}
+    section = {"task": "text-classification", **({"dtype": dtype} if dtype else {}), **extra}
     properties = {"model_dir": str(tmp_path), **({"gpu_id": gpu_id} if gpu_id is not None else {})}
     return FakeContext(model_name="tiny", manifest={"model": {"modelVersion": "3.1"}},
                        model_yaml_config={"epee": section}, system_properties=properties)  # fmt: skip
@@ -99,14 +99,14 @@ def test_handler_with_a_gpu_id_and_cuda_loads_onto_that_gpu(tmp_path, tokenizer,
     asked = {}
     load = EarlyExitModel.from_pretrained
 
-    def loader(directory, device="cpu", dtype=None):
-        asked.update(device=device, dtype=dtype)
+    def loader(directory, device="cpu", dtype=None, quantize="none"):
+        asked.update(device=device, dtype=dtype, quantize=quantize)
         return load(directory)  # built on the CPU: this host has no GPU
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(base.EarlyExitModel, "from_pretrained", staticmethod(loader))
     handlers.TextHandler().initialize(fake_context(tmp_path, tokenizer, gpu_id=1, dtype="bfloat16"))
-    assert asked == {"device": torch.device("cuda", 1), "dtype": torch.bfloat16}
+    assert asked == {"device": torch.device("cuda", 1), "dtype": torch.bfloat16, "quantize": "none"}
 
 
 # --- the engine follows the model's device and dtype -----------------------------------------------------------------
@@ -161,3 +161,16 @@ def test_gpu_check_says_so_and_passes_on_a_host_without_cuda(tmp_path):
                                capture_output=True, text=True, timeout=120)  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     assert "no CUDA device" in completed.stdout and "skipped" in completed.stdout
+
+
+def test_handler_quantizes_at_load_when_the_yaml_says_int8(tmp_path, tokenizer, caplog):
+    handlers = pytest.importorskip("handlers.text_handler")
+    from epee_core.engine.quantize import Int8Linear
+
+    handler = handlers.TextHandler()
+    with caplog.at_level(logging.INFO):
+        handler.initialize(fake_context(tmp_path, tokenizer, gpu_id=None, quantize="int8"))
+    assert any(isinstance(module, Int8Linear) for module in handler.service.model.backbone.modules())
+    assert "quantize int8" in caplog.text
+    (answer,) = handler.service.answer([{"body": {"text": "Rash after penicillin."}}], [{}])
+    assert answer.status == 200 and answer.body["exit_layer"] >= 1
