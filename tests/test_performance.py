@@ -65,10 +65,10 @@ def test_timed_sample_is_the_results_reports_sample(tmp_path):
     rows = [{"text": f"sentence {i}", "label": i % 2} for i in range(300)]
     (tmp_path / "ade").mkdir()
     (tmp_path / "ade" / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    timed, calibration, split_size, overlaps = performance.split_dev("ade-minilm", tmp_path, 50)
-    expected, _ = performance.dev_rows(performance.DATASETS["ade"], tmp_path, 50)
+    timed, calibration, split_size, overlaps, skipped = performance.split_dev("ade-minilm", tmp_path, 50)
+    expected, _, _ = performance.dev_rows(performance.DATASETS["ade"], tmp_path, 50)
     assert [example.text for example in timed] == [example.text for example in expected]
-    assert split_size == 300 and not overlaps and len(calibration) == 250
+    assert split_size == 300 and not overlaps and len(calibration) == 250 and skipped == {}
     assert not {example.text for example in timed} & {example.text for example in calibration}
 
 

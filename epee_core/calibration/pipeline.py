@@ -39,6 +39,7 @@ class CalibrationJob:
     cache_path: str | None = None
     report_path: str | None = None  # default: the output YAML with suffix `.report.json`
     max_samples: int | None = None
+    skip_invalid: bool = False  # leave unusable data rows out instead of stopping at the first
     serving: ServingOptions | None = None
     options: CalibrationOptions | None = None
 
@@ -48,12 +49,24 @@ class CalibrationJob:
 
 
 def labelled_batches(
-    model: EarlyExitModel, data_path: str, max_samples: int | None, batch_size: int
+    model: EarlyExitModel,
+    data_path: str,
+    max_samples: int | None,
+    batch_size: int,
+    skip_invalid: bool = False,
 ) -> list[tuple[dict, torch.Tensor]]:
     """The dev data as model-ready batches with gold labels (the only task-specific step of calibration): JSONL
     for text tasks; for images a MedMNIST `.npz` (its `test_*` arrays, else `val_*`) or an image folder."""
-    examples = read_task_examples(data_path, model.spec.task, "eval", max_samples)
-    return prepare_batches(model, examples, batch_size)
+    data = read_task_examples(
+        data_path,
+        model.spec.task,
+        "eval",
+        max_samples,
+        skip_invalid=skip_invalid,
+        labels=model.spec.labels,
+        notify=lambda _: None,  # run_calibration reported the skipped rows
+    )
+    return prepare_batches(model, data.examples, batch_size)
 
 
 def fresh_cache(
@@ -80,7 +93,7 @@ def fresh_cache(
         return cache, LayerTimes.from_dict(cache.timing), status
 
     model = EarlyExitModel.from_pretrained(job.model_dir)
-    batches = labelled_batches(model, job.data_path, job.max_samples, batch_size)
+    batches = labelled_batches(model, job.data_path, job.max_samples, batch_size, job.skip_invalid)
     if cache is None:
         cache = build_cache(model, batches, expected)
     else:
@@ -115,6 +128,15 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
     options.check()
     spec = ModelSpec.load(Path(job.model_dir) / SPEC_FILE)
     check_metric(spec, options.metric)  # before the (slow) full-depth pass
+    # Every run checks the data (a reused cache too); unusable rows stop here unless skipped.
+    skipped = read_task_examples(
+        job.data_path,
+        spec.task,
+        "eval",
+        skip_invalid=job.skip_invalid,
+        labels=spec.labels,
+        notify=notify,
+    ).skipped_rows
     cache, timing, cache_status = fresh_cache(job, serving.batch_size, notify)
     result = calibrate(cache, spec, options, timing)
 
@@ -138,6 +160,7 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
         "data": job.data_path,
         "task": spec.task,
         "num_samples": cache.num_samples,
+        "skipped_rows": skipped,
         "num_layers": spec.num_layers,
         "cache": {"path": job.cache_path, "status": cache_status},
         "timing": timing.as_dict(),
