@@ -29,8 +29,11 @@ class Recipe:
 
 
 # Measured in docs/training.md. MiniLM is pretrained: a few epochs at a small learning rate. The *-small text
-# models start from random weights: a larger learning rate and more epochs. vit-small reads 28×28 grey X-rays:
-# augmentation without flips (a chest X-ray has a left and a right) and many epochs, since each is short.
+# models start from random weights: a larger learning rate and more epochs. Text sets are skewed (DDI 80 %
+# `None`), so rare classes weigh more (power 0.5). vit-small reads 28×28 grey X-rays: augmentation without
+# flips (a chest X-ray has a left and a right), many short epochs, and class-balanced draws: PneumoniaMNIST's
+# training split is 90 % pneumonia, val 74 %, the held-back test 62.5 %, and a classifier for balanced classes
+# is the one a changed class prior hurts least.
 RECIPES: dict[str, Recipe] = {
     "minilm": Recipe(epochs=3, learning_rate=5e-5, head_learning_rate=1e-3, batch_size=16),
     "bert-small": Recipe(epochs=6, learning_rate=5e-4, head_learning_rate=1e-3, batch_size=32),
@@ -38,11 +41,12 @@ RECIPES: dict[str, Recipe] = {
     "gpt2-small": Recipe(epochs=6, learning_rate=5e-4, head_learning_rate=1e-3, batch_size=32),
     "vit-small": Recipe(
         epochs=20,
-        learning_rate=5e-4,
+        learning_rate=3e-4,
         head_learning_rate=1e-3,
         batch_size=64,
         max_length=None,
         augment="mild",
+        class_balance="sampler",
         balance_power=1.0,
     ),
 }

@@ -79,7 +79,7 @@ class TrainConfig:
     skip_invalid: bool = False  # leave unusable rows out (counted) instead of stopping at the first
     threads: int | None = None  # torch threads while training (default: torch's)
     length_bucketing: bool = True  # text: batches of similar length, so they carry little padding
-    # Issue 9 options; the defaults are the original recipe (measured in docs/training.md).
+    # Exit-training options; the defaults are the original joint loss (measured in docs/training.md).
     layer_weights: str = "pabee"  # pabee (i / Σi), uniform, or one comma-separated weight per layer
     distill_weight: float = 0.0  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
     distill_temperature: float = 2.0  # T
