@@ -394,8 +394,8 @@ class TrainingSet:
     step_seconds: float = 0.0
     padding: list[float] | None = None
 
-    def epoch(self, batch_size: int) -> list[list]:
-        """One epoch's batches of examples: shuffled (or drawn class-balanced), length-bucketed for text."""
+    def epoch(self, batch_size: int) -> list[list[int]]:
+        """One epoch's batches of row indices: shuffled (or drawn class-balanced), length-bucketed for text."""
         count = len(self.examples)
         if self.draw_weights is not None:
             order = self.rng.choices(range(count), weights=self.draw_weights, k=count)
@@ -406,13 +406,14 @@ class TrainingSet:
         share = padding_share(batches, self.lengths)
         if share is not None:
             self.padding = (self.padding or []) + [round(share, 4)]
-        return [[self.example(index) for index in batch] for batch in batches]
+        return batches
 
-    def example(self, index: int):
-        example = self.examples[index]
-        if self.augment is not None and isinstance(example, ImageExample):
-            return ImageExample(self.augment(example.image), example.label)
-        return example
+    def batch(self, indices: list[int]) -> list:
+        """The examples of a batch; images freshly augmented."""
+        chosen = [self.examples[index] for index in indices]
+        if self.augment is None:
+            return chosen
+        return [ImageExample(self.augment(example.image), example.label) for example in chosen]
 
 
 def train_stage(
@@ -451,8 +452,9 @@ def train_stage(
             training_set.epoch(config.batch_size), desc=f"{name}epoch {epoch}/{epochs}", unit="batch"
         )
         running = None
-        for chunk in progress:
+        for indices in progress:
             started = time.perf_counter()
+            chunk = training_set.batch(indices)
             inputs = model.encode_examples(chunk)
             targets = label_tensor(chunk, model.spec.labels, config.task)
             loss = joint_loss(
@@ -485,7 +487,9 @@ def train_stage(
         }
         history.append(record)
         tqdm.write(  # stderr, like the progress bar: `--json` keeps stdout to one JSON object
-            f"{name}epoch {epoch}: dev accuracy per exit " + " ".join(f"{m['accuracy']:.3f}" for m in dev),
+            f"{name}epoch {epoch}: dev accuracy per exit "
+            + " ".join(f"{m['accuracy']:.3f}" for m in dev)
+            + ("" if metric == "accuracy" else f"; {metric} " + " ".join(f"{m[metric]:.3f}" for m in dev)),
             file=sys.stderr,
         )
         if best is None or record["dev_score"] > best["dev_score"]:
