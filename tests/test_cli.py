@@ -240,3 +240,94 @@ def test_bad_data_file_is_one_line(trained_dir, tmp_path, capsys):
     data.write_text('{"text": "fine", "label": "adverse_event"}\n{"txt": "typo"}\n')
     err = one_line_error(capsys, ["evaluate", "--model", str(trained_dir), "--data", str(data)])
     assert f"{data}:2: missing field 'text'" in err
+
+
+# --- unusable rows: one rule in every command that reads data --------------------------------------------------
+
+
+def bad_rows_file(tmp_path) -> str:
+    """Demo dev rows (usable) with three unusable rows: bad JSON at line 3, an unknown label at 5 and 7."""
+    good = (DEMO_DATA / "ade_demo_dev.jsonl").read_text().splitlines()[:12]
+    lines = good[:2] + ["{oops"] + good[2:3] + ['{"text": "x", "label": "maybe"}'] + good[3:4]
+    lines += ['{"text": "y", "label": "maybe"}'] + good[4:]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+BAD_ROWS_MESSAGE = (
+    "{path}:3: not valid JSON (Expecting property name enclosed in double quotes); other unusable rows: "
+    "unknown label 'maybe': 2; --skip-invalid leaves unusable rows out"
+)
+SKIPPED = {"unknown label 'maybe'": 2, "invalid JSON": 1}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluate", "--policy", "full,epee"],
+        ["bench", "--batch-sizes", "4", "--policies", "full,epee"],
+        ["calibrate"],
+    ],
+)
+def test_commands_that_read_data_stop_at_unusable_rows_or_skip_and_record_them(
+    trained_dir, tmp_path, capsys, command
+):
+    data = bad_rows_file(tmp_path)
+    argv = [*command, "--model", str(trained_dir), "--data", data]
+    if command[0] == "bench":
+        argv += ["--output-dir", str(tmp_path / "reports")]
+    if command[0] == "calibrate":
+        argv += ["--output", str(tmp_path / "model.yaml")]
+    err = one_line_error(capsys, argv)
+    assert err == "epee: error: " + BAD_ROWS_MESSAGE.format(path=data)
+
+    capsys.readouterr()
+    assert main([*argv, "--skip-invalid", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["skipped_rows"] == SKIPPED
+    assert (
+        f"epee: {data}: skipped 3 unusable rows (unknown label 'maybe': 2, invalid JSON: 1)" in captured.err
+    )
+    if command[0] == "calibrate":
+        written = json.loads((tmp_path / "model.report.json").read_text())
+        assert written["skipped_rows"] == SKIPPED and written["num_samples"] == 12
+    if command[0] == "bench":
+        (written,) = (tmp_path / "reports").glob("*.json")
+        assert json.loads(written.read_text())["skipped_rows"] == SKIPPED
+
+
+def test_calibrate_checks_the_data_even_when_its_cache_is_reused(trained_dir, tmp_path, capsys):
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join((DEMO_DATA / "ade_demo_dev.jsonl").read_text().splitlines(True)[:12]))
+    argv = [
+        "calibrate",
+        "--model",
+        str(trained_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "m.yaml"),
+    ]
+    argv += ["--cache", str(tmp_path / "cache.safetensors"), "--json"]
+    assert run_json(capsys, argv)["skipped_rows"] == {}
+    assert run_json(capsys, argv)["cache"]["status"] == "reused"
+
+
+def test_train_stops_at_unusable_rows_or_skips_and_records_them(tiny_backbone_dir, tmp_path, capsys):
+    data = bad_rows_file(tmp_path)
+    output = tmp_path / "model"
+    argv = ["train", "--task", "text-classification", "--backbone", str(tiny_backbone_dir), "--train", data]
+    argv += ["--dev", data, "--output", str(output), "--epochs", "1"]
+    err = one_line_error(capsys, argv)
+    assert err == (
+        f"epee: error: {data}:3: not valid JSON (Expecting property name enclosed in double quotes); "
+        "--skip-invalid leaves unusable rows out"
+    )
+    assert not output.exists()
+    summary = run_json(capsys, [*argv, "--skip-invalid", "--json"])
+    # In training the labels come from the training rows, so 'maybe' is a label there, not an unusable row.
+    assert summary["skipped_rows"] == {"train": {"invalid JSON": 1}, "dev": {"invalid JSON": 1}}
+    record = (output / "epee.yaml").read_text()
+    assert "invalid JSON: 1" in record

@@ -7,6 +7,7 @@ import json
 import pytest
 from helpers import DEMO_DATA, build_tiny_model
 
+from epee_core.engine.spec import ConfigError
 from epee_core.measure import performance
 
 
@@ -65,10 +66,10 @@ def test_timed_sample_is_the_results_reports_sample(tmp_path):
     rows = [{"text": f"sentence {i}", "label": i % 2} for i in range(300)]
     (tmp_path / "ade").mkdir()
     (tmp_path / "ade" / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    timed, calibration, split_size, overlaps = performance.split_dev("ade-minilm", tmp_path, 50)
-    expected, _ = performance.dev_rows(performance.DATASETS["ade"], tmp_path, 50)
+    timed, calibration, split_size, overlaps, skipped = performance.split_dev("ade-minilm", tmp_path, 50)
+    expected, _, _ = performance.dev_rows(performance.DATASETS["ade"], tmp_path, 50)
     assert [example.text for example in timed] == [example.text for example in expected]
-    assert split_size == 300 and not overlaps and len(calibration) == 250
+    assert split_size == 300 and not overlaps and len(calibration) == 250 and skipped == {}
     assert not {example.text for example in timed} & {example.text for example in calibration}
 
 
@@ -89,3 +90,16 @@ def test_recorded_report_figures_go_beside_the_new_ones(report_inputs):
     run_report(report_inputs, "--recorded", str(recorded))
     markdown = (report_inputs / "docs" / "perf.md").read_text()
     assert "EPEE × full recorded" in markdown and f"in {recorded}" in markdown
+
+
+def test_unusable_dev_rows_stop_the_report_unless_skipped(tmp_path, tokenizer):
+    build_tiny_model(tokenizer).save_pretrained(tmp_path / "models" / "ade-tiny")
+    (tmp_path / "data" / "ade").mkdir(parents=True)
+    rows = [json.dumps({"text": f"sentence {i}", "label": "abc"[i % 3]}) for i in range(20)]
+    rows[4] = json.dumps({"text": "x", "label": "zzz"})
+    dev = tmp_path / "data" / "ade" / "dev.jsonl"
+    dev.write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=rf"{dev}:5: label 'zzz' is not one the model knows \(a, b, c\)"):
+        run_report(tmp_path)
+    report = run_report(tmp_path, "--skip-invalid")
+    assert report["models"][0]["skipped_rows"] == {"unknown label 'zzz'": 1}

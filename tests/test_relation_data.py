@@ -9,6 +9,7 @@ from helpers import tiny_bert_config
 from transformers import BertModel
 
 from epee_core.engine.inputs import InputError, mark_entities
+from epee_core.engine.spec import ConfigError
 from epee_core.training.trainer import TrainConfig, train
 
 
@@ -31,7 +32,7 @@ def test_entity_nested_in_the_others_only_occurrence_cannot_be_marked():
         mark_entities("in rats, mpa treatment raised triglycerides.", "mpa treatment", "mpa")
 
 
-def test_training_skips_rows_whose_entities_cannot_be_marked(tmp_path, tokenizer):
+def test_training_stops_at_rows_whose_entities_cannot_be_marked_unless_skipped(tmp_path, tokenizer):
     backbone = tmp_path / "tiny-bert"
     BertModel(tiny_bert_config(len(tokenizer), num_layers=2)).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
@@ -53,6 +54,11 @@ def test_training_skips_rows_whose_entities_cannot_be_marked(tmp_path, tokenizer
         train_path=str(data),
         dev_path=str(data),
         output=str(tmp_path / "model"),
+        epochs=1,
     )
+    with pytest.raises(ConfigError, match=rf"{data}:3: 'tail' entity 'mpa' does not occur"):
+        train(config)
+    config.skip_invalid = True
     summary = train(config)
-    assert summary["train_samples"] == 2 and summary["skipped_rows"] == {"train": 1, "dev": 1}
+    skipped = {"entities cannot be marked": 1}
+    assert summary["train_samples"] == 2 and summary["skipped_rows"] == {"train": skipped, "dev": skipped}

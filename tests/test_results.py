@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 
 from epee_core.cli import build_parser
+from epee_core.engine.spec import ConfigError
 from epee_core.measure import results
 
 
@@ -95,3 +97,20 @@ def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
         line for line in documented.read_text(encoding="utf-8").splitlines() if line.startswith("epee train")
     ]
     assert in_doc == printed
+
+
+def test_dev_rows_follow_the_unusable_rows_rule(tmp_path):
+    (tmp_path / "ade").mkdir()
+    rows = [json.dumps({"text": f"s {i}", "label": i % 2}) for i in range(10)] + ["{bad"]
+    (tmp_path / "ade" / "dev.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ConfigError, match=r"dev.jsonl:11: not valid JSON"):
+        results.dev_rows(results.DATASETS["ade"], tmp_path, None)
+    examples, size, skipped = results.dev_rows(results.DATASETS["ade"], tmp_path, 4, skip_invalid=True)
+    assert len(examples) == 4 and size == 10 and skipped == {"invalid JSON": 1}
+
+
+def test_report_commands_carry_skip_invalid_when_the_report_does(capsys):
+    assert results.main(["--commands", "--skip-invalid", "--only", "minilm/git"]) == 0
+    (command,) = capsys.readouterr().out.splitlines()
+    assert command.endswith(" --skip-invalid")
+    assert build_parser().parse_args(shlex.split(command)[1:]).skip_invalid

@@ -41,7 +41,7 @@ def tiny_config(backbone_dir, output, **options) -> TrainConfig:
         batch_size=8,
         learning_rate=1e-3,
         max_length=32,
-        **options,
+        **{"epochs": 1, **options},
     )
 
 
@@ -279,10 +279,9 @@ def test_train_flag_defaults_are_the_train_config_defaults():
     )
     for field in ("layer_weights", "distill_weight", "distill_temperature", "early_stopping", "two_stage"):
         assert getattr(config, field) == getattr(plain, field), field
-    assert (config.learning_rate, config.head_learning_rate) == (
-        plain.learning_rate,
-        plain.head_learning_rate,
-    )
+    for field in training.RECIPE_FIELDS:  # unset: the recipe fills them in
+        assert getattr(config, field) is None and getattr(plain, field) is None, field
+    assert config.with_recipe()[1] == plain.with_recipe()[1]
 
 
 @pytest.mark.parametrize(
@@ -295,6 +294,11 @@ def test_train_flag_defaults_are_the_train_config_defaults():
         (["--two-stage", "--freeze-backbone"], "--two-stage fine-tunes the backbone"),
         (["--stage2-epochs", "2"], "--stage2-epochs needs --two-stage"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--max-samples", "0"], "--max-samples must be at least 1"),
+        (["--balance-power", "2"], "--balance-power must be in [0, 1]"),
+        (["--augment", "mild"], "--augment mild is for image-classification"),
+        (["--max-length", "4"], "--max-length must be at least 8"),
     ],
 )
 def test_bad_train_flags_are_one_line_errors(capsys, flags, message):

@@ -40,6 +40,7 @@ class CalibrationJob:
     cache_path: str | None = None
     report_path: str | None = None  # default: the output YAML with suffix `.report.json`
     max_samples: int | None = None
+    skip_invalid: bool = False  # leave unusable data rows out instead of stopping at the first
     serving: ServingOptions | None = None
     options: CalibrationOptions | None = None
 
@@ -49,12 +50,24 @@ class CalibrationJob:
 
 
 def labelled_batches(
-    model: EarlyExitModel, data_path: str, max_samples: int | None, batch_size: int
+    model: EarlyExitModel,
+    data_path: str,
+    max_samples: int | None,
+    batch_size: int,
+    skip_invalid: bool = False,
 ) -> list[tuple[dict, torch.Tensor]]:
     """The dev data as model-ready batches with gold labels (the only task-specific step of calibration): JSONL
     for text tasks; for images a MedMNIST `.npz` (its `test_*` arrays, else `val_*`) or an image folder."""
-    examples = read_task_examples(data_path, model.spec.task, "eval", max_samples)
-    return prepare_batches(model, examples, batch_size)
+    data = read_task_examples(
+        data_path,
+        model.spec.task,
+        "eval",
+        max_samples,
+        skip_invalid=skip_invalid,
+        labels=model.spec.labels,
+        notify=lambda _: None,  # run_calibration reported the skipped rows
+    )
+    return prepare_batches(model, data.examples, batch_size)
 
 
 # The field holding the gold label(s) of a JSONL record, per text task.
@@ -98,13 +111,14 @@ def dev_batches(
     max_samples: int | None,
     batch_size: int,
     allow_unlabelled: bool = False,
+    skip_invalid: bool = False,
 ) -> tuple[list[tuple[dict, torch.Tensor]], bool]:
     """The dev data as model-ready batches and whether it is labelled. A JSONL file with no label on any row is
     read only when `allow_unlabelled` (its batches carry placeholder labels 0)."""
     task = model.spec.task
     unlabelled = read_unlabelled(data_path, task, max_samples)
     if unlabelled is None:
-        return labelled_batches(model, data_path, max_samples, batch_size), True
+        return labelled_batches(model, data_path, max_samples, batch_size, skip_invalid), True
     if not allow_unlabelled:
         raise ConfigError(
             f"{data_path}: no row has a '{LABEL_FIELDS.get(task, 'label')}' field: calibrating on data without "
@@ -146,7 +160,9 @@ def fresh_cache(
 
     model = EarlyExitModel.from_pretrained(job.model_dir, quantize=quantize)
     allow_unlabelled = job.options is not None and job.options.guarantee == "consistency"
-    batches, labelled = dev_batches(model, job.data_path, job.max_samples, batch_size, allow_unlabelled)
+    batches, labelled = dev_batches(
+        model, job.data_path, job.max_samples, batch_size, allow_unlabelled, job.skip_invalid
+    )
     if cache is None:
         cache = build_cache(model, batches, expected)
         if quantize != "none":  # judged against float32 full depth
@@ -191,6 +207,21 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
     options.check()
     spec = ModelSpec.load(Path(job.model_dir) / SPEC_FILE)
     check_metric(spec, options.metric)  # before the (slow) full-depth pass
+    # Every run checks the data (a reused cache too); unusable rows stop here unless skipped. Data without
+    # labels (consistency only) is checked by its own reader when the cache is built.
+    unlabelled = (
+        options.guarantee == "consistency" and read_unlabelled(job.data_path, spec.task, None) is not None
+    )
+    skipped = {}
+    if not unlabelled:
+        skipped = read_task_examples(
+            job.data_path,
+            spec.task,
+            "eval",
+            skip_invalid=job.skip_invalid,
+            labels=spec.labels,
+            notify=notify,
+        ).skipped_rows
     cache, timing, cache_status = fresh_cache(job, serving.batch_size, notify)
     result = calibrate(cache, spec, options, timing)
 
@@ -214,6 +245,7 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
         "data": job.data_path,
         "task": spec.task,
         "num_samples": cache.num_samples,
+        "skipped_rows": skipped,
         "num_layers": spec.num_layers,
         "cache": {"path": job.cache_path, "status": cache_status},
         "timing": timing.as_dict(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import emit, format_table
+from .common import add_skip_invalid, emit, format_table
 
 CALIBRATE_COLUMNS = [
     ("setting", "setting"),
@@ -90,6 +90,7 @@ def add_calibrate(commands) -> None:
         help="calibrate the int8 model against float32 full depth and write 'quantize: int8' into the YAML",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration / held-back split")
+    add_skip_invalid(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_calibrate)
 
@@ -156,6 +157,7 @@ def run_calibrate(args) -> None:
         cache_path=args.cache,
         report_path=args.report,
         max_samples=args.max_samples,
+        skip_invalid=args.skip_invalid,
         serving=ServingOptions(
             batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, quantize=args.quantize
         ),

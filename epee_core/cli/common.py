@@ -56,6 +56,30 @@ def policies_from_args(names: str | None, set_pairs: list[str], config_path: str
     return policies
 
 
+def add_skip_invalid(parser) -> None:
+    """`--skip-invalid`, the same in every command that reads a data file."""
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave unusable rows (bad JSON, missing fields, unmarkable entities, labels the model does not "
+        "know) out and count them, instead of stopping at the first",
+    )
+
+
+def read_model_data(args, model):
+    """`--data` as the model's labelled examples (`--max-samples`, `--skip-invalid`): a `data.TaskData`."""
+    from ..data.text import read_task_examples
+
+    return read_task_examples(
+        args.data,
+        model.spec.task,
+        "eval",
+        args.max_samples,
+        skip_invalid=args.skip_invalid,
+        labels=model.spec.labels,
+    )
+
+
 def emit(result: Any, as_json: bool, render: Callable[[Any], str]) -> None:
     """Print one JSON object (`--json`) or the human-readable rendering."""
     print(json.dumps(result, indent=2, default=str) if as_json else render(result))

@@ -7,10 +7,12 @@ from ..serving.config import ServeConfig
 from .common import (
     CommandError,
     add_quantize_argument,
+    add_skip_invalid,
     emit,
     format_table,
     policies_from_args,
     quantize_choice,
+    read_model_data,
 )
 
 EVALUATE_COLUMNS = [
@@ -44,25 +46,26 @@ def add_evaluate(commands) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-samples", type=int)
     add_quantize_argument(parser, "run the model in int8")
+    add_skip_invalid(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_evaluate)
 
 
 def run_evaluate(args) -> None:
-    from ..data.text import read_task_examples
     from ..engine.model import EarlyExitModel
     from ..evaluation.evaluate import evaluate_policies
 
     policies = policies_from_args(args.policy, args.set, args.config)
     serve = ServeConfig.load(args.config) if args.config else None
     model = EarlyExitModel.from_pretrained(args.model, quantize=quantize_choice(args, serve))
-    examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
-    results = evaluate_policies(model, examples, policies, args.batch_size)
+    data = read_model_data(args, model)
+    results = evaluate_policies(model, data.examples, policies, args.batch_size)
     columns = list(EVALUATE_COLUMNS)
     extra = {"relation-extraction": ("micro_f1", "micro_f1"), "multi-label": ("example_f1", "example_f1")}
     if model.spec.task in extra:
         columns.insert(3, extra[model.spec.task])
     output = results[0] if len(results) == 1 else {"model": args.model, "data": args.data, "results": results}
+    output["skipped_rows"] = data.skipped_rows
     emit(output, args.json, lambda _: format_table(results, columns))
 
 
@@ -94,6 +97,7 @@ def add_bench(commands) -> None:
         "--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)"
     )
     parser.add_argument("--max-samples", type=int, help="use only the first N examples")
+    add_skip_invalid(parser)
     parser.add_argument(
         "--threads",
         type=int,
@@ -142,7 +146,6 @@ def bench_placement(device_name: str, dtype_name: str | None):
 def run_bench(args) -> None:
     from pathlib import Path
 
-    from ..data.text import read_task_examples
     from ..engine.model import EarlyExitModel
     from ..measure import bench
     from ..measure.loadtest import default_report_dir
@@ -158,11 +161,12 @@ def run_bench(args) -> None:
     model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, quantize=quantize)
     # the stock-handler baseline is the plain float32 model, whatever the policies run in
     stock = EarlyExitModel.from_pretrained(args.model, device=device) if quantize != "none" else None
-    examples = read_task_examples(args.data, model.spec.task, "eval", args.max_samples)
+    data = read_model_data(args, model)
     threads = args.threads or (serve.num_threads if serve else None)
-    report = bench.run_bench(model, examples, policies, batch_sizes, threads, stock_model=stock)
+    report = bench.run_bench(model, data.examples, policies, batch_sizes, threads, stock_model=stock)
     report = {"model": args.model, "data": args.data, "config": args.config, "device": str(device),
               "dtype": str(model.dtype).removeprefix("torch."), "quantize": quantize, **report}  # fmt: skip
+    report["skipped_rows"] = data.skipped_rows
     stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
     report["written"] = [str(json_path), str(markdown_path)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..engine.spec import TASKS
+from ..training.recipes import AUGMENTATIONS, CLASS_BALANCE
 from .common import emit
 
 
@@ -25,17 +26,45 @@ def add_train(commands) -> None:
         help="dev JSONL file (per-exit accuracy after each epoch); images: .npz (val_*) or image folder",
     )
     parser.add_argument("--output", required=True, help="model directory to write")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--max-samples", type=int, help="use only the first N training examples")
-    parser.add_argument("--max-dev-samples", type=int, help="use only the first N dev examples")
-    parser.add_argument("--freeze-backbone", action="store_true", help="train only the exit heads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-5, help="backbone learning rate (default 5e-5)")
-    parser.add_argument(
-        "--head-lr", type=float, default=1e-3, help="exit heads' learning rate (default 1e-3)"
+    recipe = parser.add_argument_group(
+        "recipe (default: the backbone's recipe, printed when training starts; docs/training.md)"
     )
-    parser.add_argument("--max-length", type=int, default=128, help="maximum tokens per input")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--lr", type=float, help="backbone learning rate")
+    recipe.add_argument("--head-lr", type=float, help="exit heads' learning rate")
+    recipe.add_argument("--max-length", type=int, help="maximum tokens per input (text)")
+    recipe.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        help="image augmentation: mild (rotation, shift, zoom, brightness/contrast; no flips), flip (mild + "
+        "horizontal flips), none",
+    )
+    recipe.add_argument(
+        "--class-balance",
+        choices=CLASS_BALANCE,
+        help="for skewed label sets: weights (inverse-frequency loss weights), sampler (draw rows with those "
+        "weights), none",
+    )
+    recipe.add_argument(
+        "--balance-power",
+        type=float,
+        help="class weights ∝ (1 / class count)^P: 1 = fully balanced, 0.5 = half-way (in log-odds)",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, help="train on a seeded, label-stratified sample of N training rows"
+    )
+    parser.add_argument(
+        "--max-dev-samples", type=int, help="report on a seeded, label-stratified sample of N dev rows"
+    )
+    parser.add_argument("--freeze-backbone", action="store_true", help="train only the exit heads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, samples and batch order")
+    parser.add_argument("--threads", type=int, help="torch threads while training (default: torch's)")
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave unusable rows out (counted per reason) instead of stopping at the first",
+    )
     parser.add_argument(
         "--pooling", choices=["mean", "cls", "last"], help="exit pooling (default: the backbone's)"
     )
@@ -103,6 +132,11 @@ def train_config_from_args(args):
         early_stopping=args.early_stopping,
         two_stage=args.two_stage,
         stage2_epochs=args.stage2_epochs,
+        augment=args.augment,
+        class_balance=args.class_balance,
+        balance_power=args.balance_power,
+        skip_invalid=args.skip_invalid,
+        threads=args.threads,
     )
 
 
@@ -114,5 +148,8 @@ def run_train(args) -> None:
     emit(
         summary,
         args.json,
-        lambda s: f"saved {s['output']} ({s['train_seconds']} s); dev accuracy per exit: {kept}",
+        lambda s: (
+            f"saved {s['output']} ({s['train_seconds']} s, {s['train_samples_per_second']} training "
+            f"samples/s); dev accuracy per exit: {kept}"
+        ),
     )

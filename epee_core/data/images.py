@@ -11,6 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..engine.inputs import ImageExample, image_tensor
 from ..engine.spec import ConfigError
+from .rows import RowProblems
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -62,6 +63,12 @@ def read_npz(path: str | Path, split: str, max_samples: int | None = None) -> li
     return [ImageExample(image, str(int(label))) for image, label in zip(pixels, labels)]
 
 
+def npz_prefix(path: str | Path, split: str) -> str:
+    """The array prefix `read_npz` reads for `split` (`train`, `val`, `test`)."""
+    with np.load(path) as arrays:
+        return next((name for name in NPZ_SPLITS[split] if f"{name}_images" in arrays), NPZ_SPLITS[split][0])
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """One image file as uint8 [C, H, W] (see `image_tensor`)."""
     try:
@@ -71,11 +78,20 @@ def load_image(path: str | Path) -> torch.Tensor:
         raise ConfigError(f"{path}: not a readable image ({error})") from None
 
 
-def read_image_folder(path: str | Path, max_samples: int | None = None) -> list[ImageExample]:
+def read_image_folder(
+    path: str | Path, max_samples: int | None = None, problems: RowProblems | None = None
+) -> list[ImageExample]:
     """Examples of a folder with one sub-folder of images per class (the sub-folder name is the label).
 
-    Files are taken in a fixed shuffled order, so `max_samples` keeps a sample of every class.
+    Files are taken in a fixed shuffled order, so `max_samples` keeps a sample of every class. An unreadable
+    image is an error naming the file, or with `problems` is recorded there and left out.
     """
+    return _read_image_folder(path, max_samples, problems)[0]
+
+
+def _read_image_folder(
+    path: Path, max_samples: int | None, problems: RowProblems | None
+) -> tuple[list[ImageExample], list[str]]:
     path = Path(path)
     files = [
         (file, class_dir.name)
@@ -89,20 +105,36 @@ def read_image_folder(path: str | Path, max_samples: int | None = None) -> list[
             f"{', '.join(IMAGE_SUFFIXES)} files)"
         )
     random.Random(0).shuffle(files)
-    return [ImageExample(load_image(file), label) for file, label in files[:max_samples]]
+    examples, where = [], []
+    for file, label in files:
+        try:
+            examples.append(ImageExample(load_image(file), label))
+            where.append(str(file))
+        except ConfigError as error:
+            if problems is None:
+                raise
+            problems.add(str(file), "unreadable image", str(error).removeprefix(f"{file}: "))
+    return examples[:max_samples], where[:max_samples]
 
 
-def read_image_examples(path: str | Path, split: str, max_samples: int | None = None) -> list[ImageExample]:
-    """Labelled images from a MedMNIST `.npz` (the arrays of `split`) or an image folder (used whole)."""
+def read_image_examples(
+    path: str | Path, split: str, max_samples: int | None = None, problems: RowProblems | None = None
+) -> tuple[list[ImageExample], list[str]] | list[ImageExample]:
+    """Labelled images from a MedMNIST `.npz` (the arrays of `split`) or an image folder (used whole).
+
+    With `problems` (unreadable images are recorded there) returns the examples and where each one is
+    (`FILE:ARRAY[i]` or the image file), else the examples alone."""
     path = Path(path)
     if path.is_dir():
-        examples = read_image_folder(path, max_samples)
+        examples, where = _read_image_folder(path, max_samples, problems)
     elif path.is_file() and path.suffix == ".npz":
         examples = read_npz(path, split, max_samples)
+        prefix = npz_prefix(path, split)
+        where = [f"{path}:{prefix}_labels[{index}]" for index in range(len(examples))]
     elif path.is_file():
         raise ConfigError(f"{path}: image data must be a MedMNIST .npz file or a folder of class sub-folders")
     else:
         raise ConfigError(f"{path}: data file or folder not found")
-    if not examples:
+    if not examples and problems is None:
         raise ConfigError(f"{path}: no examples")
-    return examples
+    return (examples, where) if problems is not None else examples

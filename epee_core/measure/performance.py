@@ -66,10 +66,15 @@ def dataset_of(run: str):
     return DATASETS[name]
 
 
-def split_dev(run: str, data_dir: Path, max_samples: int) -> tuple[list, list, int, bool]:
+def split_dev(
+    run: str, data_dir: Path, max_samples: int, skip_invalid: bool = False, labels: list[str] | None = None
+) -> tuple[list, list, int, bool, dict[str, int]]:
     """The timed sample (the rows `results.dev_rows` picks: same seed, same draw), the calibration rows, the
     split size, and whether the calibration rows include the timed ones."""
-    everything = read_task_examples(data_dir / dataset_of(run).dev, dataset_of(run).task, "eval")
+    data = read_task_examples(
+        data_dir / dataset_of(run).dev, dataset_of(run).task, "eval", skip_invalid=skip_invalid, labels=labels
+    )
+    everything = data.examples
     if len(everything) <= max_samples:
         timed, rest = everything, []
     else:
@@ -79,8 +84,8 @@ def split_dev(run: str, data_dir: Path, max_samples: int) -> tuple[list, list, i
         rest = [example for index, example in enumerate(everything) if index not in taken]
     if len(rest) >= MIN_CALIBRATION_ROWS:
         rest = random.Random(EVAL_SEED).sample(rest, min(len(rest), MAX_CALIBRATION_ROWS))
-        return timed, rest, len(everything), False
-    return timed, everything[:MAX_CALIBRATION_ROWS], len(everything), True
+        return timed, rest, len(everything), False, data.skipped_rows
+    return timed, everything[:MAX_CALIBRATION_ROWS], len(everything), True, data.skipped_rows
 
 
 def calibrated_policy(
@@ -128,7 +133,9 @@ def measure_run(run: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     dataset = dataset_of(run)
     model = EarlyExitModel.from_pretrained(model_dir)
-    timed, calibration_rows, split_size, overlaps = split_dev(run, Path(args.data), args.max_samples)
+    timed, calibration_rows, split_size, overlaps, skipped = split_dev(
+        run, Path(args.data), args.max_samples, args.skip_invalid, model.spec.labels
+    )
     log(f"{run}: calibrating on {len(calibration_rows)} rows")
     policy, calibration = calibrated_policy(model, run, Path(args.models), calibration_rows, overlaps)
     log(f"{run}: {policy.describe()}; timing {len(timed)} rows at batch sizes {args.batch_sizes}")
@@ -142,6 +149,7 @@ def measure_run(run: str, args: argparse.Namespace) -> dict:
         "task": dataset.task,
         "f1_key": dataset.f1_key,
         "split_size": split_size,
+        "skipped_rows": skipped,
         "calibration": calibration,
         "epee_policy": policy.name,
         "settings": settings_of(args),
@@ -162,7 +170,9 @@ def compile_check(run: str, args: argparse.Namespace, batch_size: int = 8, max_r
     eager = EarlyExitModel.from_pretrained(Path(args.models) / run)
     compiled = EarlyExitModel.from_pretrained(Path(args.models) / run)
     layers = compiled.backbone.model.encoder.layer
-    examples, _ = dev_rows(dataset_of(run), Path(args.data), max_rows)
+    examples, _, _ = dev_rows(
+        dataset_of(run), Path(args.data), max_rows, args.skip_invalid, eager.spec.labels
+    )
     batches = prepare_batches(eager, examples, batch_size)
     policy = make_policy("full")
     previous_threads = torch.get_num_threads()
@@ -213,7 +223,9 @@ def profile_run(run: str, args: argparse.Namespace, results: list[dict], max_row
     policy), read from `torch.profiler`; also the layer-tokens a batch processes and the padding share."""
     policy = measured_policy(results, run)
     model = EarlyExitModel.from_pretrained(Path(args.models) / run).eval()
-    examples, _ = dev_rows(dataset_of(run), Path(args.data), max_rows)
+    examples, _, _ = dev_rows(
+        dataset_of(run), Path(args.data), max_rows, args.skip_invalid, model.spec.labels
+    )
     rows, padding = [], {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -518,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time each part of the runner (layers, heads, policy, bookkeeping) on this run, e.g. ade-minilm",
     )
     parser.add_argument("--rerun", action="store_true", help="measure again even if performance.json matches")
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave unusable data rows out (counted per reason) instead of stopping at the first",
+    )
     return parser
 
 

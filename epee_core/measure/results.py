@@ -97,7 +97,9 @@ def run_name(backbone: str, dataset: str) -> str:
     return f"{dataset}-{backbone}"
 
 
-def train_config(recipe: Recipe, dataset: DataSet, data_dir: Path, output: Path) -> TrainConfig:
+def train_config(
+    recipe: Recipe, dataset: DataSet, data_dir: Path, output: Path, skip_invalid: bool = False
+) -> TrainConfig:
     return TrainConfig(
         task=dataset.task,
         backbone=recipe.backbone,
@@ -110,6 +112,7 @@ def train_config(recipe: Recipe, dataset: DataSet, data_dir: Path, output: Path)
         batch_size=recipe.batch_size,
         learning_rate=recipe.learning_rate,
         head_learning_rate=recipe.head_learning_rate,
+        skip_invalid=skip_invalid,
     )
 
 
@@ -123,6 +126,8 @@ def train_command(config: TrainConfig) -> str:
         words += ["--max-samples", str(config.max_samples)]
     if config.max_dev_samples is not None:
         words += ["--max-dev-samples", str(config.max_dev_samples)]
+    if config.skip_invalid:
+        words += ["--skip-invalid"]
     return shlex.join(words)
 
 
@@ -140,21 +145,36 @@ def is_trained(model_dir: Path, recipe: Recipe) -> bool:
     )
 
 
-def dev_rows(dataset: DataSet, data_dir: Path, max_rows: int | None) -> tuple[list, int]:
-    """The dev/val examples, or a fixed random sample of `max_rows` of them (some files are sorted by label, so
-    the first rows would not do); also the size of the whole split."""
-    examples = read_task_examples(data_dir / dataset.dev, dataset.task, "eval")
+def dev_rows(
+    dataset: DataSet,
+    data_dir: Path,
+    max_rows: int | None,
+    skip_invalid: bool = False,
+    labels: list[str] | None = None,
+) -> tuple[list, int, dict[str, int]]:
+    """The usable dev/val examples, or a fixed random sample of `max_rows` of them (some files are sorted by
+    label, so the first rows would not do); also the number of usable rows and the skipped rows per reason
+    (unusable rows, e.g. labels not in `labels`, are an error unless `skip_invalid`)."""
+    data = read_task_examples(
+        data_dir / dataset.dev, dataset.task, "eval", skip_invalid=skip_invalid, labels=labels
+    )
+    examples = data.examples
     if max_rows is None or len(examples) <= max_rows:
-        return examples, len(examples)
-    return random.Random(EVAL_SEED).sample(examples, max_rows), len(examples)
+        return examples, len(examples), data.skipped_rows
+    return random.Random(EVAL_SEED).sample(examples, max_rows), len(examples), data.skipped_rows
 
 
 def evaluate_run(
-    model_dir: Path, dataset: DataSet, data_dir: Path, batch_size: int, max_rows: int | None
+    model_dir: Path,
+    dataset: DataSet,
+    data_dir: Path,
+    batch_size: int,
+    max_rows: int | None,
+    skip_invalid: bool = False,
 ) -> dict:
     """Every policy (default parameters) on the dev/val split at `batch_size`, side by side."""
     model = EarlyExitModel.from_pretrained(model_dir)
-    examples, split_size = dev_rows(dataset, data_dir, max_rows)
+    examples, split_size, skipped = dev_rows(dataset, data_dir, max_rows, skip_invalid, model.spec.labels)
     policies = [make_policy(name) for name in POLICIES]
     results = evaluate_policies(model, examples, policies, batch_size)
     return {
@@ -162,6 +182,7 @@ def evaluate_run(
         "split_size": split_size,
         "num_layers": model.num_layers,
         "num_samples": len(examples),
+        "skipped_rows": skipped,
         "results": {result["policy"]: result for result in results},
     }
 
@@ -170,7 +191,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict:
     """Train (unless done) and evaluate (unless cached) one backbone on one data set."""
     recipe, dataset = RECIPES[backbone], DATASETS[dataset_name]
     data_dir, model_dir = Path(args.data), Path(args.models) / run_name(backbone, dataset_name)
-    config = train_config(recipe, dataset, data_dir, model_dir)
+    config = train_config(recipe, dataset, data_dir, model_dir, args.skip_invalid)
     retrained = not is_trained(model_dir, recipe)
     if retrained:
         log(f"train {run_name(backbone, dataset_name)}: {train_command(config)}")
@@ -186,7 +207,9 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict:
             evaluation = None  # measured with other settings
     if evaluation is None:
         log(f"evaluate {run_name(backbone, dataset_name)}")
-        evaluation = evaluate_run(model_dir, dataset, data_dir, args.batch_size, args.max_eval_rows)
+        evaluation = evaluate_run(
+            model_dir, dataset, data_dir, args.batch_size, args.max_eval_rows, args.skip_invalid
+        )
         evaluation_path.write_text(json.dumps(evaluation, indent=2), encoding="utf-8")
     return {
         "backbone": backbone,
@@ -203,9 +226,10 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict:
 def training_record(model_dir: Path) -> dict:
     """What `epee.yaml` says about the training run: rows used, rows skipped, seconds."""
     record = ModelSpec.load(model_dir / SPEC_FILE).training
+    skipped = record.get("skipped_rows", {}).get("train", 0)  # per reason, or (older records) a count
     return {
         "train_samples": record.get("train_samples"),
-        "skipped_train_rows": record.get("skipped_rows", {}).get("train", 0),
+        "skipped_train_rows": sum(skipped.values()) if isinstance(skipped, dict) else skipped,
         "train_seconds": record.get("train_seconds"),
     }
 
@@ -398,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reevaluate", action="store_true", help="evaluate again even if evaluation.json exists"
     )
+    parser.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="leave unusable data rows out (counted per reason) instead of stopping at the first",
+    )
     parser.add_argument("--commands", action="store_true", help="print the epee train commands and stop")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
@@ -421,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.commands:
         for backbone, name in runs:
             model_dir = Path(args.models) / run_name(backbone, name)
-            print(train_command(train_config(RECIPES[backbone], DATASETS[name], Path(args.data), model_dir)))
+            config = train_config(
+                RECIPES[backbone], DATASETS[name], Path(args.data), model_dir, args.skip_invalid
+            )
+            print(train_command(config))
         return 0
     from transformers.utils import logging as hf_logging
 

@@ -1,13 +1,15 @@
 """Training exit heads (and the backbone) with the PABEE-style joint loss Σ_i w_i·loss_i, w_i = i / Σ_j j, and its
 options: other layer weights, self-distillation from the final exit, early stopping on dev, and two-stage training
-(backbone + final head first, then the other heads on the frozen backbone). See docs/training.md."""
+(backbone + final head first, then the other heads on the frozen backbone); the recipe defaults of each backbone,
+label-stratified samples, class balance, image augmentation and length-bucketed batches. See docs/training.md."""
 
 from __future__ import annotations
 
 import random
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,19 +17,16 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..data.text import label_tensor, label_vocabulary, read_task_examples
+from ..data.sampling import stratified_sample
+from ..data.text import example_labels, label_tensor, label_vocabulary, read_task_examples
 from ..engine.backbones import build_backbone
-from ..engine.inputs import (
-    ENTITY_MARKERS,
-    Example,
-    InputError,
-    add_entity_markers,
-    model_text,
-)
+from ..engine.inputs import ENTITY_MARKERS, Example, ImageExample, add_entity_markers, model_text
 from ..engine.model import EarlyExitModel
 from ..engine.policies import predictions
 from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.metrics import task_metrics
+from .augment import augmentation
+from .recipes import AUGMENTATIONS, CLASS_BALANCE, recipe_for
 
 NEGATIVE_LABELS = ("None", "none", "false", "no_relation", "NA", "Other")
 LAYER_WEIGHT_SCHEMES = ("pabee", "uniform")
@@ -40,6 +39,21 @@ SELECTION_METRICS = {
 }
 
 
+# TrainConfig fields whose None means "the backbone's recipe value" (training/recipes.py).
+RECIPE_FIELDS = (
+    "epochs",
+    "learning_rate",
+    "head_learning_rate",
+    "batch_size",
+    "max_length",
+    "augment",
+    "class_balance",
+    "balance_power",
+)
+# How many batches' worth of shuffled rows are sorted by length together (length bucketing).
+BUCKET_CHUNK_BATCHES = 50
+
+
 @dataclass
 class TrainConfig:
     task: str
@@ -47,18 +61,25 @@ class TrainConfig:
     train_path: str
     dev_path: str
     output: str
-    epochs: int = 1
-    max_samples: int | None = None
+    # None: the backbone's recipe value (`RECIPE_FIELDS`, filled in by `with_recipe`).
+    epochs: int | None = None
+    max_samples: int | None = None  # a seeded, label-stratified sample of the training rows
     freeze_backbone: bool = False
     seed: int = 0
-    batch_size: int = 16
-    learning_rate: float = 5e-5  # backbone
-    head_learning_rate: float = 1e-3  # exit heads
+    batch_size: int | None = None
+    learning_rate: float | None = None  # backbone
+    head_learning_rate: float | None = None  # exit heads
     warmup_ratio: float = 0.1
-    max_length: int = 128
+    max_length: int | None = None
     pooling: str | None = None
-    max_dev_samples: int | None = None
-    # Issue 9 options; the defaults are the original recipe (measured in docs/training.md).
+    max_dev_samples: int | None = None  # a seeded, label-stratified sample of the dev rows
+    augment: str | None = None  # images: none, mild, flip
+    class_balance: str | None = None  # none, weights (loss), sampler (balanced draws)
+    balance_power: float | None = None  # class weights ∝ n_c^-power (1: balanced)
+    skip_invalid: bool = False  # leave unusable rows out (counted) instead of stopping at the first
+    threads: int | None = None  # torch threads while training (default: torch's)
+    length_bucketing: bool = True  # text: batches of similar length, so they carry little padding
+    # Exit-training options; the defaults are the original joint loss (measured in docs/training.md).
     layer_weights: str = "pabee"  # pabee (i / Σi), uniform, or one comma-separated weight per layer
     distill_weight: float = 0.0  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
     distill_temperature: float = 2.0  # T
@@ -66,8 +87,36 @@ class TrainConfig:
     two_stage: bool = False  # stage 1: backbone + final head; stage 2: the other heads, backbone frozen
     stage2_epochs: int | None = None  # epochs of stage 2 (default: `epochs`)
 
+    def with_recipe(self) -> tuple[TrainConfig, dict]:
+        """This config with every unset recipe field taken from the backbone's recipe, and a record of the
+        recipe: its name, the values used and which of them the caller set (`overridden`)."""
+        name, recipe = recipe_for(self.backbone, self.task)
+        defaults = recipe.as_dict()
+        image = self.task == "image-classification"
+        values, overridden = {}, []
+        for key in RECIPE_FIELDS:
+            given = getattr(self, key)
+            if given is not None:
+                overridden.append(key)
+            values[key] = given if given is not None else defaults.get(key)
+        if image:
+            values["max_length"] = None
+            values["augment"] = values["augment"] or "none"
+        record = {"name": name, **{key: value for key, value in values.items() if value is not None}}
+        record["overridden"] = overridden
+        return replace(self, **values), record
+
     def validate(self) -> None:
         """Raise ConfigError naming the flag of the first out-of-range value (before any data is read)."""
+        missing = [
+            key
+            for key in RECIPE_FIELDS
+            if getattr(self, key) is None and key not in ("max_length", "augment")
+        ]
+        if missing:
+            raise ValueError(
+                f"TrainConfig.validate needs the recipe filled in (with_recipe), {missing} unset"
+            )
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -93,6 +142,27 @@ class TrainConfig:
             raise ConfigError(
                 "--two-stage fine-tunes the backbone in stage 1; it cannot be combined with --freeze-backbone"
             )
+        if self.max_length is not None and self.max_length < 8:
+            raise ConfigError(f"--max-length must be at least 8 tokens, got {self.max_length}")
+        for flag, value in (("--max-samples", self.max_samples), ("--max-dev-samples", self.max_dev_samples)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if not 0.0 <= self.balance_power <= 1.0:
+            raise ConfigError(f"--balance-power must be in [0, 1], got {self.balance_power}")
+        if self.class_balance not in CLASS_BALANCE:
+            raise ConfigError(
+                f"--class-balance {self.class_balance!r}: expected one of {', '.join(CLASS_BALANCE)}"
+            )
+        if self.class_balance == "sampler" and self.task == "multi-label":
+            raise ConfigError(
+                "--class-balance sampler draws rows by their one label; for multi-label use weights or none"
+            )
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            raise ConfigError(f"--augment {self.augment!r}: expected one of {', '.join(AUGMENTATIONS)}")
+        if self.augment not in (None, "none") and self.task != "image-classification":
+            raise ConfigError(f"--augment {self.augment} is for image-classification, not {self.task}")
 
 
 # --- losses ----------------------------------------------------------------------------------------------------
@@ -130,11 +200,35 @@ def layer_weights(num_layers: int, scheme: str = "pabee") -> torch.Tensor:
     return weights / weights.sum()
 
 
-def task_loss(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Cross-entropy against the labels (BCE per label for multi-label)."""
+def task_loss(
+    logits: torch.Tensor, targets: torch.Tensor, multi_label: bool, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy against the labels (BCE per label for multi-label). `class_weights`: per-class weights of
+    the cross-entropy, or for multi-label each label's weight of its positive term (`pos_weight`)."""
     if multi_label:
-        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
-    return nn.functional.cross_entropy(logits, targets)
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights)
+    return nn.functional.cross_entropy(logits, targets, weight=class_weights)
+
+
+def class_weights(examples: list, labels: list[str], task: str, power: float = 0.5) -> torch.Tensor:
+    """Inverse-frequency weights: class c weighs n_c^-power, scaled so the mean weight of a training row is 1.
+    The effective class prior moves from the data's towards uniform, in log-odds by the share `power`: 1 is
+    fully balanced (what a changed or unknown class prior calls for), 0.5 half-way, which lifts rare classes
+    without drowning the common ones (DDI: `None` 0.65, `effect` 2.2, `int` 8.7). Multi-label: each label's
+    positive term weighs (negatives / positives)^power."""
+    counts = Counter(label for example in examples for label in example_labels(example, task))
+    n = torch.tensor([float(counts[label]) for label in labels]).clamp(min=1.0)
+    if task == "multi-label":
+        return ((len(examples) - n).clamp(min=1.0) / n).pow(power)
+    weights = n.pow(-power)
+    return weights * n.sum() / (n * weights).sum()
+
+
+def row_weights(examples: list, labels: list[str], task: str, power: float = 0.5) -> list[float]:
+    """Each training row's draw weight for `--class-balance sampler`: its class's `class_weights` value."""
+    weights = class_weights(examples, labels, task, power)
+    index = {label: i for i, label in enumerate(labels)}
+    return [float(weights[index[example.label]]) for example in examples]
 
 
 def distillation_loss(
@@ -164,6 +258,7 @@ def joint_loss(
     weights: torch.Tensor | None = None,
     distill_weight: float = 0.0,
     distill_temperature: float = 2.0,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Σ_i w_i·loss_i over the exits of `all_logits` [L, B, C] (w: PABEE's by default). With distillation every
     exit but the last learns (1 − α)·task loss + α·distillation loss; the final exit keeps the plain task loss."""
@@ -172,7 +267,7 @@ def joint_loss(
     final_logits = all_logits[-1].detach()
     per_layer = []
     for index, logits in enumerate(all_logits):
-        loss = task_loss(logits, targets, multi_label)
+        loss = task_loss(logits, targets, multi_label, class_weights)
         if distill_weight > 0 and index < num_layers - 1:
             soft = distillation_loss(logits, final_logits, distill_temperature, multi_label)
             loss = (1 - distill_weight) * loss + distill_weight * soft
@@ -185,6 +280,40 @@ def joint_loss(
 
 def _batches(items: list, batch_size: int) -> list[list]:
     return [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+
+
+def token_lengths(model: EarlyExitModel, examples: list) -> list[int] | None:
+    """Tokens per example as the model will see them (truncated to max_length); None for images."""
+    if model.spec.task == "image-classification":
+        return None
+    texts = [model_text(example, model.spec.task) for example in examples]
+    encoded = model.tokenizer(texts, truncation=True, max_length=model.spec.max_length)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def epoch_batches(
+    order: list[int], batch_size: int, lengths: list[int] | None, rng: random.Random
+) -> list[list[int]]:
+    """One epoch's batches of row indices from a shuffled `order`. With `lengths` (length bucketing), each chunk
+    of `BUCKET_CHUNK_BATCHES` batches' rows is sorted by length and cut into batches, and the batches are
+    shuffled: rows of similar length share a batch (little padding) while which rows meet stays random."""
+    if lengths is None:
+        return _batches(order, batch_size)
+    chunk = batch_size * BUCKET_CHUNK_BATCHES
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda index: lengths[index])
+        batches += _batches(part, batch_size)
+    rng.shuffle(batches)
+    return batches
+
+
+def padding_share(batches: list[list[int]], lengths: list[int] | None) -> float | None:
+    """Share of the token slots of `batches` that are padding (None for images)."""
+    if lengths is None:
+        return None
+    slots = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    return 1.0 - sum(lengths[i] for batch in batches for i in batch) / slots
 
 
 def build_model(config: TrainConfig, labels: list[str]) -> EarlyExitModel:
@@ -243,32 +372,48 @@ def per_layer_metrics(
     return results
 
 
-def _markable(examples: list[Example], task: str, path: str) -> tuple[list[Example], int]:
-    """Relation-extraction rows whose entities can be marked, checked before training starts; the others (an
-    entity nested in the other's only occurrence, e.g. 'mpa' in 'mpa treatment') are skipped with a warning."""
-    if task != "relation-extraction":
-        return examples, 0
-    kept, problems = [], []
-    for example in examples:
-        try:
-            model_text(example, task)
-            kept.append(example)
-        except InputError as error:
-            problems.append(str(error))
-    if problems:
-        message = f"{path}: skipped {len(problems)} rows whose entities cannot be marked, e.g. {problems[0]}"
-        print(f"warning: {message}", file=sys.stderr)
-    if not kept:
-        raise ConfigError(f"{path}: no row has entities that can be marked ({problems[0]})")
-    return kept, len(problems)
-
-
 def dev_score(metrics_per_exit: list[dict[str, float]], metric: str, final_exit_only: bool) -> float:
     """The number early stopping maximises: `metric` averaged over all exits (how good early exiting can be), or
     of the final exit alone in two-stage's stage 1, where only the final head is trained."""
     if final_exit_only:
         return metrics_per_exit[-1][metric]
     return sum(metrics[metric] for metrics in metrics_per_exit) / len(metrics_per_exit)
+
+
+@dataclass
+class TrainingSet:
+    """The training rows and what every epoch needs from them, computed once."""
+
+    examples: list
+    lengths: list[int] | None  # tokens per row (length bucketing); None for images or without bucketing
+    draw_weights: list[float] | None  # `--class-balance sampler`: each row's draw weight
+    class_weights: torch.Tensor | None  # `--class-balance weights`: the loss's class weights
+    augment: object | None  # image augmentation (training only)
+    rng: random.Random
+    samples_seen: int = 0
+    step_seconds: float = 0.0
+    padding: list[float] | None = None
+
+    def epoch(self, batch_size: int) -> list[list[int]]:
+        """One epoch's batches of row indices: shuffled (or drawn class-balanced), length-bucketed for text."""
+        count = len(self.examples)
+        if self.draw_weights is not None:
+            order = self.rng.choices(range(count), weights=self.draw_weights, k=count)
+        else:
+            order = list(range(count))
+            self.rng.shuffle(order)
+        batches = epoch_batches(order, batch_size, self.lengths, self.rng)
+        share = padding_share(batches, self.lengths)
+        if share is not None:
+            self.padding = (self.padding or []) + [round(share, 4)]
+        return batches
+
+    def batch(self, indices: list[int]) -> list:
+        """The examples of a batch; images freshly augmented."""
+        chosen = [self.examples[index] for index in indices]
+        if self.augment is None:
+            return chosen
+        return [ImageExample(self.augment(example.image), example.label) for example in chosen]
 
 
 def train_stage(
@@ -279,7 +424,7 @@ def train_stage(
     parameter_groups: list[dict],
     weights: torch.Tensor,
     distill_weight: float,
-    train_examples: list,
+    training_set: TrainingSet,
     dev_examples: list,
     history: list[dict],
 ) -> dict:
@@ -291,7 +436,7 @@ def train_stage(
     backbone_frozen = stage == "heads" or config.freeze_backbone
     metric = SELECTION_METRICS[config.task]
     optimizer = torch.optim.AdamW(parameter_groups, weight_decay=0.01)
-    total_steps = -(-len(train_examples) // config.batch_size) * epochs
+    total_steps = -(-len(training_set.examples) // config.batch_size) * epochs
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
@@ -302,14 +447,14 @@ def train_stage(
             model.backbone.eval()  # no dropout in a frozen backbone
         if stage == "heads":
             model.exits.heads[-1].eval()  # the frozen final head: a steady teacher, no dropout
-        order = list(train_examples)
-        random.shuffle(order)
         name = "" if stage == "joint" else f"{stage} "
         progress = tqdm(
-            _batches(order, config.batch_size), desc=f"{name}epoch {epoch}/{epochs}", unit="batch"
+            training_set.epoch(config.batch_size), desc=f"{name}epoch {epoch}/{epochs}", unit="batch"
         )
         running = None
-        for chunk in progress:
+        for indices in progress:
+            started = time.perf_counter()
+            chunk = training_set.batch(indices)
             inputs = model.encode_examples(chunk)
             targets = label_tensor(chunk, model.spec.labels, config.task)
             loss = joint_loss(
@@ -319,12 +464,15 @@ def train_stage(
                 weights,
                 distill_weight,
                 config.distill_temperature,
+                training_set.class_weights,
             )
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
+            training_set.step_seconds += time.perf_counter() - started
+            training_set.samples_seen += len(chunk)
             running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
             progress.set_postfix(loss=f"{running:.4f}")
 
@@ -339,7 +487,9 @@ def train_stage(
         }
         history.append(record)
         tqdm.write(  # stderr, like the progress bar: `--json` keeps stdout to one JSON object
-            f"{name}epoch {epoch}: dev accuracy per exit " + " ".join(f"{m['accuracy']:.3f}" for m in dev),
+            f"{name}epoch {epoch}: dev accuracy per exit "
+            + " ".join(f"{m['accuracy']:.3f}" for m in dev)
+            + ("" if metric == "accuracy" else f"; {metric} " + " ".join(f"{m[metric]:.3f}" for m in dev)),
             file=sys.stderr,
         )
         if best is None or record["dev_score"] > best["dev_score"]:
@@ -354,43 +504,120 @@ def train_stage(
     return best if config.early_stopping else history[-1]
 
 
-def train(config: TrainConfig) -> dict:
-    """Train, evaluate each exit on the dev set after every epoch, save the model directory; return a summary."""
+def _note(message: str) -> None:
+    print(f"epee: {message}", file=sys.stderr, flush=True)
+
+
+def describe_recipe(recipe: dict) -> str:
+    """One line: the recipe's name and values, and which of them flags set."""
+    names = {
+        "epochs": "epochs",
+        "learning_rate": "lr",
+        "head_learning_rate": "head lr",
+        "batch_size": "batch",
+        "max_length": "max length",
+        "augment": "augment",
+        "class_balance": "class balance",
+        "balance_power": "balance power",
+    }
+    values = ", ".join(
+        f"{label} {recipe[key]:g}" if isinstance(recipe[key], float) else f"{label} {recipe[key]}"
+        for key, label in names.items()
+        if key in recipe
+    )
+    line = f"recipe {recipe['name']}: {values}"
+    if recipe["overridden"]:
+        line += " (set by flags: " + ", ".join(names[key] for key in recipe["overridden"]) + ")"
+    return line
+
+
+def read_training_data(config: TrainConfig, notify=_note) -> tuple[list, list, list[str], dict]:
+    """The training and dev examples, checked before any model is built: unusable rows (one rule, see
+    `data.rows`), a training set with too few labels, dev labels the training set lacks. `--max-samples` and
+    `--max-dev-samples` take seeded, label-stratified samples. Returns train, dev, labels and the skipped rows."""
+    train_data = read_task_examples(
+        config.train_path, config.task, "train", skip_invalid=config.skip_invalid, notify=notify
+    )
+    train_examples = stratified_sample(train_data.examples, config.max_samples, config.task, config.seed)
+    labels = label_vocabulary(train_examples, config.task)
+    if config.task != "multi-label" and len(labels) < 2:
+        raise ConfigError(
+            f"{config.train_path}: the training rows carry {len(labels)} label(s) ({', '.join(labels)}); "
+            "a classifier needs at least 2"
+        )
+    if config.task == "multi-label" and not labels:
+        raise ConfigError(f"{config.train_path}: no training row carries a label")
+    dev_data = read_task_examples(
+        config.dev_path,
+        config.task,
+        "dev",
+        skip_invalid=config.skip_invalid,
+        labels=labels,
+        known_by="the training set" + (" sample" if config.max_samples else ""),
+        notify=notify,
+    )
+    dev_examples = stratified_sample(dev_data.examples, config.max_dev_samples, config.task, config.seed)
+    return (
+        train_examples,
+        dev_examples,
+        labels,
+        {"train": train_data.skipped_rows, "dev": dev_data.skipped_rows},
+    )
+
+
+def train(config: TrainConfig, notify=_note) -> dict:
+    """Train, evaluate each exit on the dev set after every epoch, save the model directory; return a summary.
+
+    Unset recipe fields come from the backbone's recipe (`training.recipes`); once the data has passed its
+    checks, the recipe line goes to `notify` (stderr)."""
+    config, recipe = config.with_recipe()
     config.validate()
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config, recipe, notify)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config: TrainConfig, recipe: dict, notify) -> dict:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    train_examples = read_task_examples(config.train_path, config.task, "train", config.max_samples)
-    dev_examples = read_task_examples(config.dev_path, config.task, "dev", config.max_dev_samples)
-    train_examples, skipped_train = _markable(train_examples, config.task, config.train_path)
-    dev_examples, skipped_dev = _markable(dev_examples, config.task, config.dev_path)
-    labels = label_vocabulary(train_examples, config.task)
+    train_examples, dev_examples, labels, skipped = read_training_data(config, notify)
+    notify(describe_recipe(recipe))
     model = build_model(config, labels)
     weights = layer_weights(model.num_layers, config.layer_weights)
     heads = model.exits.heads
+    balance = config.class_balance
+    training_set = TrainingSet(
+        examples=train_examples,
+        lengths=token_lengths(model, train_examples) if config.length_bucketing else None,
+        draw_weights=(
+            row_weights(train_examples, labels, config.task, config.balance_power)
+            if balance == "sampler"
+            else None
+        ),
+        class_weights=(
+            class_weights(train_examples, labels, config.task, config.balance_power)
+            if balance == "weights"
+            else None
+        ),
+        augment=augmentation(config.augment),
+        rng=random.Random(config.seed),
+    )
 
     history: list[dict] = []
     kept: list[dict] = []
     started = time.perf_counter()
+    stage_args = (weights, config.distill_weight, training_set, dev_examples, history)
     if not config.two_stage:
         if config.freeze_backbone:
             model.backbone.requires_grad_(False)
         groups = [{"params": model.exits.parameters(), "lr": config.head_learning_rate}]
         if not config.freeze_backbone:
             groups.append({"params": model.backbone.parameters(), "lr": config.learning_rate})
-        kept.append(
-            train_stage(
-                model,
-                config,
-                "joint",
-                config.epochs,
-                groups,
-                weights,
-                config.distill_weight,
-                train_examples,
-                dev_examples,
-                history,
-            )
-        )
+        kept.append(train_stage(model, config, "joint", config.epochs, groups, *stage_args))
     else:
         # Stage 1: fine-tune the backbone for the final exit alone, as a plain classifier would be trained, so
         # early-exit losses cannot pull the full-depth prediction down (DeeBERT's two-stage scheme).
@@ -401,18 +628,7 @@ def train(config: TrainConfig) -> dict:
             {"params": model.backbone.parameters(), "lr": config.learning_rate},
         ]
         kept.append(
-            train_stage(
-                model,
-                config,
-                "backbone",
-                config.epochs,
-                groups,
-                final_only,
-                0.0,
-                train_examples,
-                dev_examples,
-                history,
-            )
+            train_stage(model, config, "backbone", config.epochs, groups, final_only, 0.0, *stage_args[2:])
         )
         # Stage 2: the backbone and the final head stay as stage 1 left them; the other heads learn to
         # approximate them (labels, plus the final exit's soft labels with --distill-weight).
@@ -422,32 +638,34 @@ def train(config: TrainConfig) -> dict:
             {"params": [p for head in heads[:-1] for p in head.parameters()], "lr": config.head_learning_rate}
         ]
         kept.append(
-            train_stage(
-                model,
-                config,
-                "heads",
-                config.stage2_epochs or config.epochs,
-                groups,
-                weights,
-                config.distill_weight,
-                train_examples,
-                dev_examples,
-                history,
-            )
+            train_stage(model, config, "heads", config.stage2_epochs or config.epochs, groups, *stage_args)
         )
 
     model.eval()
+    speed = training_set.samples_seen / training_set.step_seconds if training_set.step_seconds else None
     model.spec.training = {
         "backbone": config.backbone,
+        "recipe": recipe,
         "train": str(config.train_path),
         "dev": str(config.dev_path),
         "train_samples": len(train_examples),
-        "skipped_rows": {"train": skipped_train, "dev": skipped_dev},
+        "dev_samples": len(dev_examples),
+        "max_samples": config.max_samples,
+        "max_dev_samples": config.max_dev_samples,
+        "skipped_rows": skipped,
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
         "head_learning_rate": config.head_learning_rate,
         "max_length": config.max_length,
+        "augment": config.augment,
+        "class_balance": config.class_balance,
+        "balance_power": config.balance_power,
+        "class_weights": (
+            [round(float(w), 4) for w in training_set.class_weights]
+            if training_set.class_weights is not None
+            else None
+        ),
         "freeze_backbone": config.freeze_backbone,
         "layer_weights": config.layer_weights,
         "distill_weight": config.distill_weight,
@@ -459,7 +677,13 @@ def train(config: TrainConfig) -> dict:
         "kept_epochs": {record["stage"]: record["epoch"] for record in kept},
         "dev_accuracy_per_exit": kept[-1]["dev_accuracy_per_exit"],
         "seed": config.seed,
+        "threads": torch.get_num_threads(),
+        "length_bucketing": training_set.lengths is not None,
+        "padding_share": (
+            round(sum(training_set.padding) / len(training_set.padding), 4) if training_set.padding else None
+        ),
         "train_seconds": round(time.perf_counter() - started, 1),
+        "train_samples_per_second": round(speed, 2) if speed else None,
         "history": history,
     }
     Path(config.output).mkdir(parents=True, exist_ok=True)
