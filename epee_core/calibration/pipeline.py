@@ -209,9 +209,12 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
     check_metric(spec, options.metric)  # before the (slow) full-depth pass
     # Every run checks the data (a reused cache too); unusable rows stop here unless skipped. Data without
     # labels (consistency only) is checked by its own reader when the cache is built.
-    unlabelled = (
-        options.guarantee == "consistency" and read_unlabelled(job.data_path, spec.task, None) is not None
-    )
+    unlabelled = read_unlabelled(job.data_path, spec.task, None) is not None
+    if unlabelled and options.guarantee != "consistency":
+        raise ConfigError(
+            f"{job.data_path}: no row has a '{LABEL_FIELDS.get(spec.task, 'label')}' field: calibrating on data "
+            f"without labels needs --guarantee consistency"
+        )
     skipped = {}
     if not unlabelled:
         skipped = read_task_examples(
