@@ -23,8 +23,9 @@ def add_train_gate(commands) -> None:
     parser.add_argument(
         "--class-weight",
         choices=["none", "balanced"],
-        default="none",
-        help="logistic regression class weights (default none: probabilities stay calibrated)",
+        default="balanced",
+        help="logistic regression class weights (default balanced: on ADE the same ranking (AUC) but thresholds "
+        "spread over the grid, and a faster certified setting than unweighted)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -96,7 +96,7 @@ def train_gate(
     max_samples: int | None = None,
     batch_size: int = 32,
     held_out_fraction: float = 0.2,
-    class_weight: str = "none",
+    class_weight: str = "balanced",
     seed: int = 0,
 ) -> dict[str, Any]:
     """Fit the gate on `data_path` (training rows), write gate.safetensors into the model directory and record
