@@ -264,3 +264,15 @@ def test_serving_gate_needs_the_gate_file(tokenizer, gated_models):
         TextService(build_tiny_model(tokenizer), config)
     service = TextService(gated_models["text-classification"], config)
     assert service.config.policy.name == "gate"
+
+
+def test_packaging_refuses_policy_gate_without_the_gate_file(tokenizer, tmp_path):
+    from epee_core.ops.packaging import check_inputs
+
+    build_tiny_model(tokenizer).save_pretrained(tmp_path / "model")
+    config = tmp_path / "model.yaml"
+    config.write_text("epee:\n  task: text-classification\n  policy: gate\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=GATE_FILE):
+        check_inputs(tmp_path / "model", config, "tiny")
+    mixed_gate().save(tmp_path / "model")
+    check_inputs(tmp_path / "model", config, "tiny")
