@@ -1,6 +1,7 @@
 """The logit cache: one full-depth pass records every exit's logits, so policies are replayed offline.
 
-A cache is one safetensors file holding tensors only (`logits` [L, N, C], `labels` [N] or [N, C]) and string
+A cache is one safetensors file holding tensors only (`logits` [L, N, C], `labels` [N] or [N, C], `lengths` [N]
+real tokens per row, which the learned gate reads) and string
 metadata: a fingerprint of the model directory and of the data (file hash + `max_samples`), plus the per-layer
 timing measured when it was built. A cache whose fingerprint no longer matches is stale and is never used.
 Data without labels (`--guarantee consistency` only) is cached with full depth's predictions as its labels and
@@ -87,6 +88,9 @@ class LogitCache:
     fingerprint: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] | None = None  # `LayerTimes.as_dict()` measured with the model that built it
     labelled: bool = True  # False: `labels` are full depth's predictions (the data had none)
+    lengths: torch.Tensor | None = (
+        None  # [N] float: each row's real tokens (None: a cache that predates them)
+    )
     reference: torch.Tensor | None = None  # [N, C] float32 full depth's logits when `logits` come from int8
 
     @property
@@ -117,6 +121,8 @@ class LogitCache:
         tensors = {"logits": self.logits.contiguous(), "labels": self.labels.contiguous()}
         if self.reference is not None:
             tensors["reference"] = self.reference.contiguous()
+        if self.lengths is not None:
+            tensors["lengths"] = self.lengths.float().contiguous()
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
@@ -134,6 +140,7 @@ class LogitCache:
             "logits",
             "labels",
             "reference",
+            "lengths",
         }:
             raise ConfigError(f"{path}: not a calibration cache (expected format {CACHE_FORMAT})")
         return cls(
@@ -142,7 +149,8 @@ class LogitCache:
             json.loads(metadata["fingerprint"]),
             json.loads(metadata.get("timing", "null")),
             json.loads(metadata.get("labelled", "true")),
-            tensors.get("reference"),
+            reference=tensors.get("reference"),
+            lengths=tensors.get("lengths"),
         )
 
     def labelled_by_full_depth(self, multi_label: bool) -> LogitCache:
@@ -150,7 +158,15 @@ class LogitCache:
         measures agreement with full depth."""
         predicted = predictions(layer_probs(self.logits[-1], multi_label), multi_label)
         labels = predicted.float() if multi_label else predicted.long()
-        return LogitCache(self.logits, labels, self.fingerprint, self.timing, False, self.reference)
+        return LogitCache(
+            self.logits,
+            labels,
+            self.fingerprint,
+            self.timing,
+            False,
+            reference=self.reference,
+            lengths=self.lengths,
+        )
 
 
 def stale_reason(cached: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -168,6 +184,8 @@ def load_fresh(path: str | Path, expected: dict[str, Any]) -> LogitCache:
     """Load a cache and check it was built from the same model and data; raise `StaleCacheError` otherwise."""
     cache = LogitCache.load(path)
     reason = stale_reason(cache.fingerprint, expected)
+    if reason is None and cache.lengths is None:
+        reason = "the cache has no row lengths (the gate policy reads them)"
     if reason is not None:
         raise StaleCacheError(path, reason)
     return cache
@@ -181,8 +199,14 @@ def build_cache(
 ) -> LogitCache:
     """One full-depth pass over prepared batches (no early exit): logits of every exit, in input order."""
     model.eval()
-    all_logits, all_labels = [], []
+    all_logits, all_labels, all_lengths = [], [], []
     for inputs, labels in tqdm(batches, desc="caching exit logits", unit="batch"):
         all_logits.append(model.forward_all_exits(inputs).float())
         all_labels.append(labels)
-    return LogitCache(torch.cat(all_logits, dim=1), torch.cat(all_labels), dict(cache_fingerprint or {}))
+        all_lengths.append(model.backbone.embed(inputs)[1].sum(1).float())  # the runner's padding mask
+    return LogitCache(
+        torch.cat(all_logits, dim=1),
+        torch.cat(all_labels),
+        dict(cache_fingerprint or {}),
+        lengths=torch.cat(all_lengths),
+    )

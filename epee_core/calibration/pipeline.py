@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..data.text import read_task_examples
+from ..engine.gate import ExitGate
 from ..engine.inputs import Example
 from ..engine.model import SPEC_FILE, EarlyExitModel
 from ..engine.spec import ConfigError, ModelSpec
@@ -226,7 +227,7 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr
             notify=notify,
         ).skipped_rows
     cache, timing, cache_status = fresh_cache(job, serving.batch_size, notify)
-    result = calibrate(cache, spec, options, timing)
+    result = calibrate(cache, spec, options, timing, gate=ExitGate.load(job.model_dir))
 
     config = model_yaml(spec, result.chosen.policy, serving, result.guarantee)
     write_model_yaml(job.output, config, _summary_lines(job, result, cache.num_samples))

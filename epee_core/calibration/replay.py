@@ -7,11 +7,11 @@ runner, where exited rows have been compacted away.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from ..engine.policies import Policy, init_state, policy_step, predictions
+from ..engine.policies import Policy, PolicyError, init_state, policy_step, predictions, require_gate
 
 
 class ReplayResult(NamedTuple):
@@ -23,17 +23,26 @@ class ReplayResult(NamedTuple):
 
 
 def replay_policy(
-    policy: Policy, logits: torch.Tensor, multi_label: bool, labels: torch.Tensor | None = None
+    policy: Policy,
+    logits: torch.Tensor,
+    multi_label: bool,
+    labels: torch.Tensor | None = None,
+    gate: Any = None,
+    lengths: torch.Tensor | None = None,
 ) -> ReplayResult:
-    """Exit layers and returned distributions of `policy` on cached logits [L, N, C]."""
+    """Exit layers and returned distributions of `policy` on cached logits [L, N, C]; `gate` (the model's
+    `ExitGate`) and `lengths` (the cache's row lengths [N]) are needed by the `gate` policy only."""
     num_layers, num_samples, num_outputs = logits.shape
     policy.check_layers(num_layers)
-    state = init_state(num_samples, num_outputs, logits.device)
+    require_gate(policy, gate)
+    if policy.name == "gate" and lengths is None:
+        raise PolicyError("policy 'gate' needs the rows' lengths: rebuild the calibration cache")
+    state = init_state(num_samples, num_outputs, logits.device, lengths)
     exit_layer = torch.full((num_samples,), num_layers, dtype=torch.long, device=logits.device)
     out_probs = torch.zeros(num_samples, num_outputs, device=logits.device)
     active = torch.ones(num_samples, dtype=torch.bool, device=logits.device)
     for index in range(num_layers):
-        step = policy_step(policy, logits[index], state, index + 1, num_layers, multi_label, labels)
+        step = policy_step(policy, logits[index], state, index + 1, num_layers, multi_label, labels, gate)
         state = step.state
         leaving = step.exit_mask & active
         exit_layer[leaving] = index + 1

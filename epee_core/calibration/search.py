@@ -38,20 +38,25 @@ EPEE_THRESHOLDS = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.
 FAST_RATIOS = (0.0, 0.25, 0.5)
 MAX_PROB_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 SIMILARITY_THRESHOLDS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)
+# A class-balanced gate (the default) spreads its useful settings over 0.4-0.95 (ADE); an unbalanced one crowds
+# them into 0.95-0.995 (use `--class-weight balanced`, the default).
+GATE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 # A tie within this tolerance counts as meeting the budget (metrics are ratios of small integers).
 _TOLERANCE = 1e-9
 
 
-SEARCHABLE_POLICIES = ("static", "max_prob", "entropy", "patience", "epee", "fpabee")
+SEARCHABLE_POLICIES = ("static", "max_prob", "entropy", "patience", "epee", "fpabee", "gate")
 # The families a certified search tries unless told otherwise: the confidence- and patience-driven rules. A
 # fixed-sequence test stops at its first failure, and `static` / `fpabee` settings that lost nothing on the
 # ordering rows tended to lead the sequence and fail on the test rows (docs/calibration.md).
-CERTIFIED_POLICIES = ("max_prob", "entropy", "patience", "epee")
+# `gate` (the learned exit gate) is searched only when the model directory has one.
+CERTIFIED_POLICIES = ("max_prob", "entropy", "patience", "epee", "gate")
 
 
-def search_space(num_layers: int) -> list[Policy]:
+def search_space(num_layers: int, gate: bool = False) -> list[Policy]:
     """Every setting the sweep tries, in a fixed order (earlier wins exact ties): `static` k, `max_prob`,
-    `entropy`, `patience` 1..L-1, `epee` τ × patience × fast_ratio × ensemble, `fpabee` similarity × δ × patience."""
+    `entropy`, `patience` 1..L-1, `epee` τ × patience × fast_ratio × ensemble, `fpabee` similarity × δ × patience,
+    and with `gate` (the model has a learned gate) the gate's thresholds."""
     patiences = range(1, num_layers)
     settings: list[tuple[str, dict[str, Any]]] = [("static", {"layer": k}) for k in range(1, num_layers)]
     settings += [("max_prob", {"threshold": t}) for t in MAX_PROB_THRESHOLDS]
@@ -70,6 +75,8 @@ def search_space(num_layers: int) -> list[Policy]:
         for delta in SIMILARITY_THRESHOLDS
         for t in patiences
     ]
+    if gate:
+        settings += [("gate", {"gate_threshold": t}) for t in GATE_THRESHOLDS]
     return [make_policy(name, params) for name, params in settings]
 
 
@@ -171,12 +178,14 @@ def evaluate_settings(
     scorer: Scorer,
     split: DevSplit,
     keep_rows: bool = False,
+    gate: Any = None,
+    lengths: torch.Tensor | None = None,
 ) -> list[Setting]:
     """Replay each policy on the whole cache once, then score both slices (`keep_rows`: keep every row's
-    prediction and exit layer too)."""
+    prediction and exit layer too; `gate` and the rows' `lengths`: for the `gate` policy)."""
     settings = []
     for policy in policies:
-        result = replay_policy(policy, logits, scorer.spec.multi_label, scorer.labels)
+        result = replay_policy(policy, logits, scorer.spec.multi_label, scorer.labels, gate, lengths)
         held = scorer.score(result, split.held_back) if split.held_back is not None else None
         rows = None
         if keep_rows:

@@ -193,9 +193,16 @@ def calibrate(
     options: CalibrationOptions,
     timing: LayerTimes | None = None,
     policies: list[Policy] | None = None,
+    gate: Any = None,
 ) -> CalibrationResult:
-    """Sweep `policies` (default: `search_space`) on the calibration slice and choose under the constraint."""
+    """Sweep `policies` (default: `search_space`) on the calibration slice and choose under the constraint;
+    `gate` is the model's learned exit gate (`ExitGate`), which adds the `gate` policy's settings."""
     options.check()
+    if gate is None and "gate" in (options.policies or ()):
+        raise ConfigError(
+            "--policies gate needs a learned exit gate: the model directory has no gate.safetensors "
+            "(train one with `epee train-gate`)"
+        )
     if cache.logits.shape[0] != spec.num_layers or cache.logits.shape[2] != len(spec.labels):
         raise ConfigError(
             f"cache holds {cache.num_layers} layers × {cache.logits.shape[2]} outputs, the model has "
@@ -215,9 +222,10 @@ def calibrate(
     (oracle,) = evaluate_settings([make_policy("oracle")], cache.logits, scorer, split, keep)
     if policies is None:
         families = options.policies or (CERTIFIED_POLICIES if options.certifying else SEARCHABLE_POLICIES)
-        policies = [policy for policy in search_space(spec.num_layers) if policy.name in families]
+        space = search_space(spec.num_layers, gate is not None)
+        policies = [policy for policy in space if policy.name in families]
     progress = tqdm(policies, desc="replaying settings", unit="setting")
-    settings = evaluate_settings(progress, cache.logits, scorer, split, keep)
+    settings = evaluate_settings(progress, cache.logits, scorer, split, keep, gate, cache.lengths)
 
     guarantee = certificate = None
     if options.target_speedup is not None:
@@ -228,7 +236,9 @@ def calibrate(
         choice = choose_within_budget(settings, full, options.max_accuracy_drop, options.metric)
     all_rows = torch.arange(cache.num_samples)
     dev = {
-        name: scorer.score(replay_policy(s.policy, logits, spec.multi_label, cache.labels), all_rows)
+        name: scorer.score(
+            replay_policy(s.policy, logits, spec.multi_label, cache.labels, gate, cache.lengths), all_rows
+        )
         for name, s, logits in (
             ("full", full, cache.full_depth_logits),
             ("oracle", oracle, cache.logits),

@@ -11,12 +11,14 @@ import sys
 from .calibrate import add_calibrate
 from .common import USER_ERRORS, CommandError
 from .evaluate import add_bench, add_evaluate
+from .gate import add_train_gate
 from .loadtest import add_loadtest
 from .serve import add_demo, add_deploy, add_package
 from .train import add_train
 
 COMMANDS = [
     add_train,
+    add_train_gate,
     add_evaluate,
     add_calibrate,
     add_package,

@@ -6,6 +6,7 @@ model_dir/
   tokenizer files                  (text tasks)
   preprocessor_config.json         the image processor (image-classification)
   exits.safetensors                every exit head
+  gate.safetensors                 the learned exit gate (optional: `epee train-gate`)
   epee.yaml                        task, labels, backbone kind, head shape, training record
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from .backbones import BackboneAdapter, load_pretrained_backbone
+from .gate import ExitGate
 from .heads import ExitHeads, pool
 from .inputs import (
     Example,
@@ -94,6 +96,7 @@ class EarlyExitModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.quantization = "none"  # set by `quantize.quantize_model`
+        self.exit_gate: ExitGate | None = None  # the `gate` policy's classifier, when the directory has one
 
     @property
     def num_layers(self) -> int:
@@ -149,6 +152,8 @@ class EarlyExitModel(nn.Module):
         state = {name: tensor.detach().contiguous() for name, tensor in self.exits.state_dict().items()}
         save_file(state, str(directory / EXITS_FILE))
         self.spec.save(directory / SPEC_FILE)
+        if self.exit_gate is not None:
+            self.exit_gate.save(directory)
 
     @classmethod
     def from_pretrained(
@@ -182,4 +187,5 @@ class EarlyExitModel(nn.Module):
             raise ConfigError(
                 f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
             ) from None
+        model.exit_gate = ExitGate.load(directory)
         return quantize_model(model.to(device=device, dtype=dtype).eval(), quantize)

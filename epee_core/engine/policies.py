@@ -145,15 +145,22 @@ class PolicyState(NamedTuple):
     run_probs_sum: (
         torch.Tensor
     )  # [B, C]: sum of probabilities over the current confident run (EPEE window_mean)
+    length: torch.Tensor  # [B] float: the row's length in tokens (the learned gate reads it)
 
     def select(self, rows: torch.Tensor) -> PolicyState:
         return PolicyState(*(t.index_select(0, rows) for t in self))
 
 
-def init_state(batch_size: int, num_outputs: int, device: torch.device | str = "cpu") -> PolicyState:
-    """The state before layer 1."""
+def init_state(
+    batch_size: int,
+    num_outputs: int,
+    device: torch.device | str = "cpu",
+    lengths: torch.Tensor | None = None,
+) -> PolicyState:
+    """The state before layer 1; `lengths` [B]: each row's real tokens (the padding mask's row sums)."""
     zeros = torch.zeros(batch_size, num_outputs, device=device)
-    return PolicyState(torch.zeros(batch_size, dtype=torch.long, device=device), zeros, zeros.clone())
+    length = torch.zeros(batch_size, device=device) if lengths is None else lengths.to(device).float()
+    return PolicyState(torch.zeros(batch_size, dtype=torch.long, device=device), zeros, zeros.clone(), length)
 
 
 class StepOutput(NamedTuple):
@@ -226,6 +233,8 @@ class Signals(NamedTuple):
     layer: int  # 1-based
     multi_label: bool
     labels: torch.Tensor | None  # gold labels, `oracle` only
+    num_layers: int = 0
+    gate: Any = None  # the model's learned exit gate (`engine/gate.py`), `gate` only
 
 
 class Decision(NamedTuple):
@@ -284,7 +293,9 @@ def _epee(params: dict, s: Signals) -> Decision:
     if params["ensemble"] == "window_mean":
         run_length = counter.clamp_min(1).unsqueeze(-1).to(probs.dtype)
         output = torch.where(confident.unsqueeze(-1), run_probs_sum / run_length, probs)
-    return Decision(fire, PolicyState(counter, probs, run_probs_sum), output)
+    return Decision(
+        fire, s.state._replace(counter=counter, prev_probs=probs, run_probs_sum=run_probs_sum), output
+    )
 
 
 def _fpabee(params: dict, s: Signals) -> Decision:
@@ -303,6 +314,29 @@ def _oracle(params: dict, s: Signals) -> Decision:
     correct = predictions(s.probs, s.multi_label) == (s.labels.bool() if s.multi_label else s.labels)
     fire = correct.all(-1) if s.multi_label else correct
     return Decision(fire, s.state._replace(prev_probs=s.probs), s.probs)
+
+
+def require_gate(policy: Policy, gate: Any) -> None:
+    """A `gate` policy needs the model's learned gate: name the missing file otherwise."""
+    if policy.name == "gate" and gate is None:
+        raise PolicyError(
+            "policy 'gate' needs a learned exit gate, and the model directory has no gate.safetensors "
+            "(train one with `epee train-gate`)"
+        )
+
+
+def _gate(params: dict, s: Signals) -> Decision:
+    """gate: the learned gate's probability that this layer's prediction is full depth's reaches
+    `gate_threshold`."""
+    from .gate import gate_features, stable_count  # the gate module builds on this one
+
+    state = s.state
+    stable = stable_count(s.probs, state.prev_probs, state.counter, s.layer, s.multi_label)
+    features = gate_features(
+        s.probs, state.prev_probs, stable, s.layer, s.num_layers, state.length, s.multi_label
+    )
+    fire = s.gate(features) >= params["gate_threshold"]
+    return Decision(fire, state._replace(counter=stable, prev_probs=s.probs), s.probs)
 
 
 @dataclass(frozen=True)
@@ -345,6 +379,9 @@ POLICIES: dict[str, PolicyRule] = {
             "patience": _PATIENCE,
         },
     ),
+    "gate": PolicyRule(
+        _gate, {"gate_threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)}
+    ),
     "oracle": PolicyRule(_oracle, reads="own", servable=False),
 }
 POLICY_NAMES = tuple(POLICIES)
@@ -374,14 +411,17 @@ def policy_step(
     num_layers: int,
     multi_label: bool = False,
     labels: torch.Tensor | None = None,
+    gate: Any = None,
 ) -> StepOutput:
     """Apply one layer's exit logits [B, C] for the rows still running; `layer` counts from 1.
 
-    `labels` (class index [B], or multi-hot [B, C] for multi-label) is needed by `oracle` only.
+    `labels` (class index [B], or multi-hot [B, C] for multi-label) is needed by `oracle` only, `gate` (the
+    model's `ExitGate`) by `gate` only.
     """
+    require_gate(policy, gate)
     probs = layer_probs(logits, multi_label)
     entropy = normalised_entropy(probs, multi_label)
-    signals = Signals(probs, entropy, state, layer, multi_label, labels)
+    signals = Signals(probs, entropy, state, layer, multi_label, labels, num_layers, gate)
     decision = POLICIES[policy.name].rule(policy.params, signals)
     fire = decision.fire & (layer >= policy.min_layer)
     exit_mask = fire | (layer >= num_layers)

@@ -24,7 +24,15 @@ import torch
 from torch.profiler import record_function
 
 from .model import EarlyExitModel
-from .policies import Policy, PolicyState, first_exit_read, init_state, policy_step, predictions
+from .policies import (
+    Policy,
+    PolicyState,
+    first_exit_read,
+    init_state,
+    policy_step,
+    predictions,
+    require_gate,
+)
 
 # The fixed cost of one more sub-batch, in padded tokens of layer work: each layer call reads the layer's weights
 # again and pays a per-call overhead (see docs/performance.md for the measurement behind the value).
@@ -159,6 +167,7 @@ def run_early_exit(
     """
     num_layers = model.num_layers
     policy.check_layers(num_layers)
+    require_gate(policy, model.exit_gate)
     backbone, exits, multi_label = model.backbone, model.exits, model.multi_label
 
     with record_function("epee.embed"):
@@ -168,7 +177,11 @@ def run_early_exit(
     batch_size, num_outputs = hidden.shape[0], len(model.spec.labels)
     first_read = first_exit_read(policy, num_layers)
     whole = _Group(
-        list(range(batch_size)), hidden, mask, init_state(batch_size, num_outputs, hidden.device), labels
+        list(range(batch_size)),
+        hidden,
+        mask,
+        init_state(batch_size, num_outputs, hidden.device, mask.sum(1)),
+        labels,
     )
     if overhead_tokens is not None and batch_size > 1:
         groups = _regroup([whole], lengths, overhead_tokens)
@@ -192,7 +205,9 @@ def run_early_exit(
             with record_function("epee.exit_heads"):
                 logits = exits(index, group.hidden, group.mask)
             with record_function("epee.policy"):
-                step = policy_step(policy, logits, group.state, layer, num_layers, multi_label, group.labels)
+                step = policy_step(
+                    policy, logits, group.state, layer, num_layers, multi_label, group.labels, model.exit_gate
+                )
             group.state = step.state
             leaving = step.exit_mask.tolist()  # the one host read of this group and layer
             if not any(leaving):

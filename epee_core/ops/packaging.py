@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from ..engine.gate import GATE_FILE
 from ..engine.model import read_model_spec
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
 from ..serving.config import ServeConfig
@@ -75,6 +76,10 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
     spec = read_model_spec(model_dir)
     serve_config = ServeConfig.load(config_path)
     serve_config.check_model(spec, str(config_path), str(model_dir))
+    if serve_config.policy.name == "gate" and not (model_dir / GATE_FILE).is_file():
+        raise ConfigError(
+            f"{config_path}: policy 'gate' needs {model_dir / GATE_FILE} (run `epee train-gate`)"
+        )
     if spec.task not in HANDLER_FOR_TASK:
         raise ConfigError(f"{model_dir}: no TorchServe handler for task '{spec.task}' yet")
     return spec, serve_config

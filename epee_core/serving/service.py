@@ -27,7 +27,7 @@ import torch
 
 from ..engine.inputs import Example, InputError, encode_texts, model_text
 from ..engine.model import EarlyExitModel
-from ..engine.policies import Policy, PolicyError
+from ..engine.policies import Policy, PolicyError, require_gate
 from ..engine.runner import run_bucketed
 from ..engine.spec import ConfigError
 from . import oip
@@ -236,6 +236,7 @@ class EarlyExitService:
         model_version: str | None = None,
     ):
         config.check_model(model.spec, "model YAML 'epee:'")
+        require_gate(config.policy, model.exit_gate)  # `policy: gate` on a model without gate.safetensors
         self.model = model.eval()
         self.config = config
         self.spec = model.spec
@@ -293,6 +294,7 @@ class EarlyExitService:
         try:
             policy = self.config.policy_for(override)
             policy.check_layers(self.spec.num_layers)
+            require_gate(policy, self.model.exit_gate)
         except PolicyError as error:
             raise RequestError(400, str(error)) from None
         return policy
