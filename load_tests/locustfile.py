@@ -139,9 +139,11 @@ def configure(environment, **_kwargs) -> None:
 
 
 class EpeeUser(HttpUser):
-    """POSTs to /predictions/MODEL and fails any answer that is not a DESIGN §6 prediction."""
+    """POSTs to /predictions/MODEL and fails any answer that is not a DESIGN §6 prediction; MODEL is the
+    `model_option` command-line option of the user class."""
 
     abstract = True
+    model_option = ""
 
     def __init__(self, environment) -> None:
         if TARGETS:  # one replica per user, round robin; workers start at their index so they spread too
@@ -154,7 +156,8 @@ class EpeeUser(HttpUser):
         options = self.environment.parsed_options
         return random.uniform(options.wait_min, options.wait_max)
 
-    def predict(self, model: str, name: str, **request) -> None:
+    def predict(self, name: str, **request) -> None:
+        model = getattr(self.environment.parsed_options, self.model_option)
         override = self.environment.parsed_options.policy_override
         headers = {**AUTH, **request.pop("headers", {})}
         if override:
@@ -181,39 +184,37 @@ class ClinicalTextUser(EpeeUser):
     """Clinicians' text: short ADE sentences and long MTSamples notes (task shares set at start-up)."""
 
     weight = 3
+    model_option = "text_model"
 
     @task
     def short_sentence(self) -> None:
-        model = self.environment.parsed_options.text_model
-        self.predict(model, "text: ADE sentence", json=random.choice(PAYLOADS["short"]))
+        self.predict("text: ADE sentence", json=random.choice(PAYLOADS["short"]))
 
     @task
     def long_note(self) -> None:
-        model = self.environment.parsed_options.text_model
-        self.predict(model, "text: MTSamples note", json=random.choice(PAYLOADS["long"]))
+        self.predict("text: MTSamples note", json=random.choice(PAYLOADS["long"]))
 
 
 class RelationUser(EpeeUser):
     """Drug–drug interaction checks: a sentence and two drug names (DDI 2013)."""
 
     weight = 1
+    model_option = "relation_model"
 
     @task
     def drug_pair(self) -> None:
-        model = self.environment.parsed_options.relation_model
-        self.predict(model, "relation: DDI pair", json=random.choice(PAYLOADS["relation"]))
+        self.predict("relation: DDI pair", json=random.choice(PAYLOADS["relation"]))
 
 
 class ImageUser(EpeeUser):
     """Chest X-ray triage: PneumoniaMNIST images sent as raw PNG bytes."""
 
     weight = 1
+    model_option = "image_model"
 
     @task
     def chest_xray(self) -> None:
-        model = self.environment.parsed_options.image_model
         self.predict(
-            model,
             "image: PneumoniaMNIST PNG",
             data=random.choice(PAYLOADS["image"]),
             headers={"Content-Type": "image/png"},

@@ -3,6 +3,7 @@ pixel batches, and the embedded demo data. Fixtures live in conftest.py and call
 
 from __future__ import annotations
 
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import torch
@@ -42,6 +43,13 @@ def tiny_bert_config(vocab_size: int, num_layers: int = NUM_LAYERS, **extra) -> 
     )
     config._attn_implementation = "sdpa"
     return config
+
+
+def save_tiny_backbone(directory: Path, tokenizer, num_layers: int) -> Path:
+    """`directory` as a local Hugging Face checkpoint (tiny random BERT + `tokenizer`), as a user would point at."""
+    BertModel(tiny_bert_config(len(tokenizer), num_layers=num_layers)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def tiny_config(kind: str, vocab_size: int) -> PretrainedConfig:
@@ -154,3 +162,17 @@ def random_pixels(batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     contrast = torch.rand(batch_size, 1, 1, 1, generator=generator) * 3
     brightness = torch.randn(batch_size, 1, 1, 1, generator=generator)
     return {"pixel_values": noise * contrast + brightness}
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    """A stub HTTP server's request handler: answers JSON bytes with `send_json` and logs nothing."""
+
+    def send_json(self, status: int, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import DEMO_DATA, tiny_bert_config
-from transformers import AutoTokenizer, BertModel
+from helpers import DEMO_DATA, save_tiny_backbone
+from transformers import AutoTokenizer
 
 from epee_core.cli import main
 
@@ -14,10 +14,7 @@ from epee_core.cli import main
 @pytest.fixture(scope="module")
 def tiny_backbone_dir(tmp_path_factory, tokenizer):
     """A local Hugging Face checkpoint directory (tiny random BERT + tokenizer), as a user would point at."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(tiny_bert_config(len(tokenizer), num_layers=3)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"), tokenizer, num_layers=3)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +50,12 @@ def run_json(capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def evaluate_json(capsys, model_dir, *options: str) -> dict:
+    """`epee evaluate --model MODEL_DIR --data ade_demo_dev.jsonl OPTIONS --json` as a dict."""
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(DEMO_DATA / "ade_demo_dev.jsonl")]
+    return run_json(capsys, [*argv, *options, "--json"])
+
+
 def test_train_writes_a_model_directory_with_its_training_record(trained_dir):
     spec = (trained_dir / "epee.yaml").read_text()
     assert "adverse_event" in spec and "train_samples: 64" in spec
@@ -60,22 +63,8 @@ def test_train_writes_a_model_directory_with_its_training_record(trained_dir):
 
 
 def test_evaluate_json_has_the_design_fields(trained_dir, capsys):
-    result = run_json(
-        capsys,
-        [
-            "evaluate",
-            "--model",
-            str(trained_dir),
-            "--data",
-            str(DEMO_DATA / "ade_demo_dev.jsonl"),
-            "--max-samples",
-            "24",
-            "--policy",
-            "epee",
-            "--set",
-            "entropy_threshold=0.5",
-            "--json",
-        ],
+    result = evaluate_json(
+        capsys, trained_dir, "--max-samples", "24", "--policy", "epee", "--set", "entropy_threshold=0.5"
     )
     for key in (
         "accuracy",
@@ -95,21 +84,7 @@ def test_evaluate_json_has_the_design_fields(trained_dir, capsys):
 
 
 def test_evaluate_several_policies_in_one_run(trained_dir, capsys):
-    result = run_json(
-        capsys,
-        [
-            "evaluate",
-            "--model",
-            str(trained_dir),
-            "--data",
-            str(DEMO_DATA / "ade_demo_dev.jsonl"),
-            "--max-samples",
-            "16",
-            "--policy",
-            "full,oracle",
-            "--json",
-        ],
-    )
+    result = evaluate_json(capsys, trained_dir, "--max-samples", "16", "--policy", "full,oracle")
     full, oracle = result["results"]
     assert full["avg_exit_layer"] == 3 and oracle["avg_exit_layer"] <= 3
     assert oracle["accuracy"] >= full["accuracy"]  # the oracle exits at a correct layer whenever one exists
@@ -118,21 +93,7 @@ def test_evaluate_several_policies_in_one_run(trained_dir, capsys):
 def test_evaluate_reads_the_policy_from_a_model_yaml(trained_dir, tmp_path, capsys):
     config = tmp_path / "model.yaml"
     config.write_text("batchSize: 8\nepee:\n  policy: static\n  layer: 2\n")
-    result = run_json(
-        capsys,
-        [
-            "evaluate",
-            "--model",
-            str(trained_dir),
-            "--data",
-            str(DEMO_DATA / "ade_demo_dev.jsonl"),
-            "--max-samples",
-            "8",
-            "--config",
-            str(config),
-            "--json",
-        ],
-    )
+    result = evaluate_json(capsys, trained_dir, "--max-samples", "8", "--config", str(config))
     assert result["policy"] == "static" and result["avg_exit_layer"] == 2
 
 

@@ -18,12 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from helpers import StubHandler
 
 from epee_core.ops import health
 from epee_core.ops.torchserve import read_properties
@@ -419,7 +420,7 @@ class FakeTorchServe:
         self.models: dict[str, list[str]] = {}  # name -> worker statuses
         state = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def do_GET(self):  # noqa: N802
                 if self.path == "/ping":
                     self.answer(
@@ -438,15 +439,7 @@ class FakeTorchServe:
                     self.answer(404, {"code": 404})
 
             def answer(self, status, body):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
+                self.send_json(status, json.dumps(body).encode())
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]

@@ -8,11 +8,11 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from helpers import DEMO_DATA
+from helpers import DEMO_DATA, StubHandler
 
 from epee_core.cli import main
 from epee_core.measure.loadtest import LOCUSTFILE, LoadRun, LoadTestError, check_distribution
@@ -36,18 +36,11 @@ class Replica:
         self.hits: Counter[str] = Counter()
         replica = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 replica.hits[self.path] += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(ANSWER)))
-                self.end_headers()
-                self.wfile.write(ANSWER)
-
-            def log_message(self, *args):
-                pass
+                self.send_json(200, ANSWER)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

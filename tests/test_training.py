@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import DEMO_DATA, tiny_bert_config
-from transformers import BertModel
+from helpers import DEMO_DATA, save_tiny_backbone
 
 from epee_core.cli import build_parser, main
 from epee_core.cli.train import train_config_from_args
@@ -23,10 +22,7 @@ NUM_LAYERS = 3
 
 @pytest.fixture(scope="module")
 def tiny_backbone_dir(tmp_path_factory, tokenizer):
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(tiny_bert_config(len(tokenizer), num_layers=NUM_LAYERS)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"), tokenizer, num_layers=NUM_LAYERS)
 
 
 def tiny_config(backbone_dir, output, **options) -> TrainConfig:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_skip_invalid, emit, format_table
+from .common import add_model_data_arguments, add_skip_invalid, emit, format_table
 
 CALIBRATE_COLUMNS = [
     ("setting", "setting"),
@@ -25,11 +25,9 @@ def add_calibrate(commands) -> None:
         "distribution is at most the budget (candidates are ordered on a calibration slice and tested on a "
         "held-back slice; if none passes, full depth is served). See docs/calibration.md.",
     )
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="labelled dev data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder; "
+    add_model_data_arguments(
+        parser,
+        "labelled dev data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder; "
         "with --guarantee consistency a JSONL without labels is accepted",
     )
     parser.add_argument("--output", required=True, help="model YAML to write (for `epee package --config`)")

@@ -56,6 +56,12 @@ def policies_from_args(names: str | None, set_pairs: list[str], config_path: str
     return policies
 
 
+def add_model_data_arguments(parser, data_help: str) -> None:
+    """`--model` (the model directory) and `--data` (`data_help`), both required."""
+    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--data", required=True, help=data_help)
+
+
 def add_skip_invalid(parser) -> None:
     """`--skip-invalid`, the same in every command that reads a data file."""
     parser.add_argument(

@@ -6,6 +6,7 @@ from ..engine.policies import POLICY_NAMES, PolicyError
 from ..serving.config import ServeConfig
 from .common import (
     CommandError,
+    add_model_data_arguments,
     add_quantize_argument,
     add_skip_invalid,
     emit,
@@ -30,11 +31,8 @@ def add_evaluate(commands) -> None:
     parser = commands.add_parser(
         "evaluate", help="accuracy, average exit layer and speed of policies on labelled data"
     )
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="labelled JSONL file; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+    add_model_data_arguments(
+        parser, "labelled JSONL file; images: MedMNIST .npz (test_* if present, else val_*) or image folder"
     )
     parser.add_argument(
         "--policy", help=f"one or more of {','.join(POLICY_NAMES)}, comma-separated (default: epee)"
@@ -79,11 +77,8 @@ def add_bench(commands) -> None:
         "latency, accuracy, average exit layer, and throughput relative to full and to the oracle. Writes "
         "JSON + markdown.",
     )
-    parser.add_argument("--model", required=True, help="model directory")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="labelled data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder",
+    add_model_data_arguments(
+        parser, "labelled data: JSONL; images: MedMNIST .npz (test_* if present, else val_*) or image folder"
     )
     parser.add_argument(
         "--config", help="model YAML whose 'epee:' section gives the policy, its parameters and num_threads"

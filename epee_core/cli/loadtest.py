@@ -151,6 +151,20 @@ def loadtest_run(args, slo: str | None) -> dict:
     return gate(run, slo)
 
 
+def server_job_fields(args) -> dict:
+    """The fields `compare` and `soak` share: the model to package (`--model`, `--config`), the server's
+    `--ts-config`, the model `--name` and the reports' `--output-dir`."""
+    from pathlib import Path
+
+    return {
+        "model_dir": Path(args.model),
+        "config": Path(args.config),
+        "ts_config": Path(args.ts_config),
+        "name": args.name,
+        "output_dir": Path(args.output_dir) if args.output_dir else None,
+    }
+
+
 def loadtest_compare(args, slo: str | None) -> dict:
     from pathlib import Path
 
@@ -158,15 +172,11 @@ def loadtest_compare(args, slo: str | None) -> dict:
     from ..ops.packaging import PackageError
 
     job = ComparisonJob(
-        model_dir=Path(args.model),
-        config=Path(args.config),
-        ts_config=Path(args.ts_config),
-        name=args.name,
+        **server_job_fields(args),
         peak_users=args.peak_users,
         duration=args.duration,
         warmup=args.warmup,
         cooldown=args.cooldown,
-        output_dir=Path(args.output_dir) if args.output_dir else None,
         slo=Path(slo) if slo else None,
         data_dir=args.data_dir,
         locustfile=Path(args.locustfile),
@@ -186,17 +196,13 @@ def run_soak_command(args) -> None:
     from ..ops.packaging import PackageError
 
     job = SoakJob(
-        model_dir=Path(args.model),
-        config=Path(args.config),
-        ts_config=Path(args.ts_config),
-        name=args.name,
+        **server_job_fields(args),
         duration=args.duration,
         rate=args.rate,
         warmup=args.warmup,
         bad_fraction=args.bad_fraction,
         max_rss_growth_mb=args.max_rss_growth_mb,
         data=Path(args.data) if args.data else None,
-        output_dir=Path(args.output_dir) if args.output_dir else None,
     )
     try:
         report = run_soak(job)

@@ -119,12 +119,7 @@ class ImageService(EarlyExitService):
             image = decode_image(bytes(payload), self.config.max_image_pixels)
             return ServeRequest([image], self.request_policy(None, headers))
         fields = _json_fields(payload)
-        unknown = sorted(key for key in fields if key not in IMAGE_FIELDS)
-        if unknown:
-            raise RequestError(
-                400,
-                f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(IMAGE_FIELDS)})",
-            )
+        self.check_fields(fields, IMAGE_FIELDS)
         return ServeRequest([self.decode_row(fields)], self.request_policy(fields.get("epee"), headers))
 
     def decode_row(self, fields: Mapping[str, Any]) -> torch.Tensor:

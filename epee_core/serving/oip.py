@@ -43,13 +43,18 @@ BINARY_HINT = (
 PROBABILITY_DECIMALS = 6
 
 
-class OipError(ValueError):
-    """An inference request that does not fit the protocol or the model: an HTTP status and a message."""
+class StatusError(ValueError):
+    """A request refused with an HTTP status and a message (the base of `OipError` and the service's
+    `RequestError`)."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class OipError(StatusError):
+    """An inference request that does not fit the protocol or the model: an HTTP status and a message."""
 
 
 @dataclass

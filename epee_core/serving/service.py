@@ -41,13 +41,8 @@ RELATION_INPUTS = ("text", "head", "tail")
 PROBABILITY_DECIMALS = 6
 
 
-class RequestError(ValueError):
+class RequestError(oip.StatusError):
     """A request that cannot be served: the HTTP status and a message naming the field."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # Exceptions that, raised by an engine call on one request alone, mean its input is to blame (a 400); anything
@@ -276,6 +271,15 @@ class EarlyExitService:
     def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def check_fields(self, fields: Mapping[str, Any], allowed: Sequence[str]) -> None:
+        """A 400 naming the first (sorted) field of a plain JSON request that the task does not take."""
+        unknown = sorted(key for key in fields if key not in allowed)
+        if unknown:
+            raise RequestError(
+                400,
+                f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(allowed)})",
+            )
+
     def request_policy(self, override: Any, headers: Mapping[str, Any]) -> Policy:
         """The policy of one request: the JSON `epee` field, else the `X-EPEE-Policy` header, else the default."""
         header_policy = _header(headers, POLICY_HEADER)
@@ -430,12 +434,7 @@ class TextService(EarlyExitService):
         fields = _json_fields(payload)
         relation = self.spec.task == "relation-extraction"
         allowed = RELATION_FIELDS if relation else TEXT_FIELDS
-        unknown = sorted(key for key in fields if key not in allowed)
-        if unknown:
-            raise RequestError(
-                400,
-                f"unknown field '{unknown[0]}' for task {self.spec.task} (expected: {', '.join(allowed)})",
-            )
+        self.check_fields(fields, allowed)
         return ServeRequest([self.decode_row(fields)], self.request_policy(fields.get("epee"), headers))
 
     def decode_row(self, fields: Mapping[str, Any]) -> str:

@@ -7,7 +7,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import requests
@@ -17,6 +19,7 @@ from epee_core.cli import main
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.policies import Policy
 from epee_core.engine.runner import run_early_exit
+from epee_core.ops.torchserve import TorchServe
 
 ROOT = Path(__file__).resolve().parents[2]
 ROOT_CONFIG = ROOT / "config.properties"
@@ -55,6 +58,26 @@ def package(model_dir: Path, config: Path, name: str, store: Path, version: str 
     return store / f"{name}.mar"
 
 
+def package_model(
+    work: Path,
+    model,
+    model_dir_name: str,
+    config_name: str,
+    name: str,
+    batch_size: int,
+    max_batch_delay: int,
+    **epee,
+) -> tuple[Path, Path, Path]:
+    """`model` saved as WORK/MODEL_DIR_NAME, its model YAML WORK/CONFIG_NAME and `epee package` as NAME into
+    WORK/model_store: (model directory, model YAML, model store)."""
+    model_dir = work / model_dir_name
+    model.save_pretrained(model_dir)
+    config = write_model_yaml(work / config_name, batch_size, max_batch_delay, **epee)
+    store = work / "model_store"
+    package(model_dir, config, name, store)
+    return model_dir, config, store
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     try:
@@ -83,6 +106,18 @@ def derive_config(target: Path, model_store: Path) -> Path:
     lines += [f"grpc_inference_port={next(ports)}", f"grpc_management_port={next(ports)}"]
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
+
+
+@contextmanager
+def running_torchserve(work: Path, store: Path, **options) -> Iterator[TorchServe]:
+    """A TorchServe of `store` on the root config.properties at free ports (`derive_config`), run in WORK and
+    stopped on exit."""
+    server = TorchServe(derive_config(work / "config.properties", store), workdir=work, **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def clean_python(directory: Path) -> str:

@@ -20,7 +20,14 @@ from epee_core.ops.management import ManagementClient
 from epee_core.ops.torchserve import TorchServe
 from epee_core.serving.config import ServeConfig
 
-from .helpers import SENTENCES, derive_config, engine_answer, package, wait_for_metric, write_model_yaml
+from .helpers import (
+    SENTENCES,
+    derive_config,
+    engine_answer,
+    package_model,
+    running_torchserve,
+    wait_for_metric,
+)
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -33,20 +40,14 @@ OUTPUTS = ("label", "probabilities", "exit_layer", "entropy", "policy")
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     work = tmp_path_factory.mktemp("oip")
-    model_dir = work / "tiny-text-model"
-    build_tiny_model(tokenizer).save_pretrained(model_dir)
-    config = write_model_yaml(work / "oip.yaml", batch_size=8, max_batch_delay=200,
-                              task="text-classification", policy="epee", num_threads=1)  # fmt: skip
-    store = work / "model_store"
-    package(model_dir, config, MODEL, store)
-    server = TorchServe(derive_config(work / "config.properties", store), workdir=work)
-    server.start()
-    try:
+    model_dir, config, store = package_model(
+        work, build_tiny_model(tokenizer), "tiny-text-model", "oip.yaml", MODEL, batch_size=8, max_batch_delay=200,
+        task="text-classification", policy="epee", num_threads=1,
+    )  # fmt: skip
+    with running_torchserve(work, store) as server:
         client = ManagementClient(server.management_url, server.keys["management"], timeout=120)
         client.register(f"{MODEL}.mar", name=MODEL)
         yield {"server": server, "model_dir": model_dir, "config": config, "store": store, "work": work}
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,13 @@ from epee_core.serving.config import ServeConfig
 from .helpers import (
     SENTENCES,
     clean_python,
-    derive_config,
     engine_answer,
     free_ports,
     package,
+    package_model,
     post_all,
+    running_torchserve,
     wait_for_metric,
-    write_model_yaml,
 )
 
 pytestmark = pytest.mark.integration
@@ -44,10 +44,12 @@ MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
 def setup(tmp_path_factory, tokenizer):
     """Tiny model → model YAML → `epee package` → TorchServe → `epee deploy register`; stopped afterwards."""
     work = tmp_path_factory.mktemp("torchserve")
-    model_dir = work / "tiny-text-model"
-    build_tiny_model(tokenizer).save_pretrained(model_dir)
-    config = write_model_yaml(
-        work / "tiny-text.yaml",
+    model_dir, config, store = package_model(
+        work,
+        build_tiny_model(tokenizer),
+        "tiny-text-model",
+        "tiny-text.yaml",
+        MODEL,
         batch_size=4,
         max_batch_delay=1000,
         task="text-classification",
@@ -55,17 +57,11 @@ def setup(tmp_path_factory, tokenizer):
         max_body_bytes=MAX_BODY_BYTES,
         max_text_chars=MAX_TEXT_CHARS,
     )
-    store = work / "model_store"
-    package(model_dir, config, MODEL, store)
     python = clean_python(work / "venv-without-epee")
-    server = TorchServe(derive_config(work / "config.properties", store), workdir=work, python=python)
-    server.start()
-    try:
+    with running_torchserve(work, store, python=python) as server:
         assert main(["deploy", "register", "--mar", f"{MODEL}.mar", "--batch-size", "4",
                      "--max-batch-delay", "1000", "--initial-workers", "1", *management_flags(server)]) == 0  # fmt: skip
         yield {"server": server, "model_dir": model_dir, "config": config, "store": store, "python": python}
-    finally:
-        server.stop()
 
 
 def management_flags(server: TorchServe) -> list[str]:

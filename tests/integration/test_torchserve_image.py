@@ -25,7 +25,7 @@ from epee_core.engine.model import EarlyExitModel
 from epee_core.ops.torchserve import TorchServe
 from epee_core.serving.config import ServeConfig
 
-from .helpers import derive_config, engine_answer, package, post_all, write_model_yaml
+from .helpers import engine_answer, package_model, post_all, running_torchserve
 
 pytestmark = pytest.mark.integration
 
@@ -66,27 +66,23 @@ def images(tmp_path_factory) -> list:
 def setup(tmp_path_factory):
     """Tiny ViT → model YAML → `epee package` (image handler) → TorchServe → register; stopped afterwards."""
     work = tmp_path_factory.mktemp("torchserve-image")
-    model_dir = work / "tiny-vit-model"
-    build_tiny_model(kind="vit").save_pretrained(model_dir)
-    config = write_model_yaml(
-        work / "tiny-vit.yaml",
+    model_dir, config, store = package_model(
+        work,
+        build_tiny_model(kind="vit"),
+        "tiny-vit-model",
+        "tiny-vit.yaml",
+        MODEL,
         batch_size=4,
         max_batch_delay=500,
         task="image-classification",
         policy="epee",
         max_image_pixels=MAX_IMAGE_PIXELS,
     )
-    store = work / "model_store"
-    package(model_dir, config, MODEL, store)
-    server = TorchServe(derive_config(work / "config.properties", store), workdir=work)
-    server.start()
-    try:
+    with running_torchserve(work, store) as server:
         key_file = str(work / "key_file.json")
         assert main(["deploy", "register", "--mar", f"{MODEL}.mar", "--management-url",
                      server.management_url, "--key-file", key_file]) == 0  # fmt: skip
         yield {"server": server, "model_dir": model_dir, "config": config}
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
