@@ -34,6 +34,13 @@ LABELS = {
 }
 
 
+def tiny_spec(**overrides) -> ModelSpec:
+    """A 4-layer text-classification spec over labels a, b, c (fields overridable)."""
+    fields = dict(task="text-classification", labels=LABELS["text-classification"], backbone="bert",
+                  pooling="mean", num_layers=NUM_LAYERS, hidden_size=HIDDEN)  # fmt: skip
+    return ModelSpec(**{**fields, **overrides})
+
+
 TINY_SIZE = {"hidden_size": HIDDEN, "num_attention_heads": 2, "intermediate_size": 64}
 
 

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, LABELS, build_tiny_model
+from helpers import DEMO_DATA, LABELS, build_tiny_model, tiny_spec
 
 from epee_core.calibration import (
     CalibrationJob,
@@ -41,7 +41,7 @@ from epee_core.engine.policies import (
     normalised_entropy,
 )
 from epee_core.engine.runner import run_early_exit
-from epee_core.engine.spec import ConfigError, ModelSpec
+from epee_core.engine.spec import ConfigError
 from epee_core.evaluation.evaluate import prepare_batches
 from epee_core.serving.config import ServeConfig
 
@@ -150,14 +150,7 @@ def test_replay_policies_exit_at_varied_layers(cached_model):
 
 # --- the choice on synthetic caches ------------------------------------------------------------------------
 
-SYNTHETIC_SPEC = ModelSpec(
-    task="text-classification",
-    labels=["a", "b", "c"],
-    backbone="bert",
-    pooling="mean",
-    num_layers=4,
-    hidden_size=8,
-)
+SYNTHETIC_SPEC = tiny_spec(hidden_size=8)
 
 
 def synthetic_cache(groups: list[tuple[int, list[tuple[int, float]]]], gold: int = 0) -> LogitCache:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_tiny_model, random_batch, single_row, tiny_bert_config
+from helpers import build_tiny_model, random_batch, single_row, tiny_bert_config, tiny_spec
 from transformers import BertForSequenceClassification
 
 from epee_core.engine.backbones import adapter_for
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.policies import first_exit_read, make_policy
 from epee_core.engine.runner import length_buckets, run_bucketed, run_early_exit
-from epee_core.engine.spec import ModelSpec
 
 POLICIES = [
     ("full", {}),
@@ -93,15 +92,7 @@ def test_policies_give_mixed_exit_layers_on_the_test_models(tokenizer, name, par
 def test_full_reproduces_bert_for_sequence_classification(tokenizer):
     torch.manual_seed(0)
     reference = BertForSequenceClassification(tiny_bert_config(len(tokenizer), num_labels=3)).eval()
-    spec = ModelSpec(
-        task="text-classification",
-        labels=["a", "b", "c"],
-        backbone="bert",
-        pooling="cls",
-        num_layers=4,
-        hidden_size=32,
-        head_dropout=0.0,
-    )
+    spec = tiny_spec(pooling="cls", head_dropout=0.0)
     model = EarlyExitModel(spec, adapter_for(reference.bert), tokenizer).eval()
     last = model.exits.heads[-1]
     last.dense.load_state_dict(reference.bert.pooler.dense.state_dict())

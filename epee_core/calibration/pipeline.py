@@ -4,7 +4,6 @@ sweep and choose (or certify), then write the model YAML, the JSON report and th
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..data.rows import print_notice
 from ..data.text import read_task_examples
 from ..engine.gate import ExitGate
 from ..engine.inputs import Example
@@ -24,10 +24,6 @@ from .model_yaml import ServingOptions, model_yaml, write_model_yaml
 from .plot import plot_frontier
 from .sweep import CalibrationOptions, CalibrationResult, calibrate, check_metric, describe_guarantee
 from .timing import LayerTimes, measure_layer_times, representative_batch
-
-
-def _stderr(message: str) -> None:
-    print(f"epee: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -135,7 +131,7 @@ def dev_batches(
 
 
 def fresh_cache(
-    job: CalibrationJob, batch_size: int, notify: Callable[[str], None] = _stderr
+    job: CalibrationJob, batch_size: int, notify: Callable[[str], None] = print_notice
 ) -> tuple[LogitCache, LayerTimes, str]:
     """A cache that matches the model and data, with layer timing at `batch_size`, and what was done to get it.
 
@@ -199,7 +195,7 @@ def _summary_lines(job: CalibrationJob, result: CalibrationResult, num_samples: 
     return lines + [f"warning: {warning}" for warning in result.warnings]
 
 
-def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = _stderr) -> dict[str, Any]:
+def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = print_notice) -> dict[str, Any]:
     """Calibrate, write the model YAML, the JSON report (and the plot); return the report without its
     per-setting list."""
     serving = job.serving or ServingOptions()

@@ -79,28 +79,16 @@ def plot_frontier(
             zorder=5,
             label=f"{name} ({point.metric:.3f} @ {point.avg_exit_layer:.2f})",
         )
-    point = chosen.calibration
-    axes.scatter(
-        point.avg_exit_layer,
-        point.metric,
-        marker="*",
-        s=260,
-        color="gold",
-        edgecolor="black",
-        zorder=6,
-        label=f"chosen: {chosen.policy.describe()}",
-    )
-    if chosen.held_back is not None:
+
+    def star(point, label: str, **style) -> None:
         axes.scatter(
-            chosen.held_back.avg_exit_layer,
-            chosen.held_back.metric,
-            marker="*",
-            s=200,
-            facecolor="none",
-            edgecolor="black",
-            zorder=6,
-            label=f"chosen on held-back slice ({chosen.held_back.metric:.3f})",
+            point.avg_exit_layer, point.metric, marker="*", edgecolor="black", zorder=6, label=label, **style
         )
+
+    star(chosen.calibration, f"chosen: {chosen.policy.describe()}", s=260, color="gold")
+    if chosen.held_back is not None:
+        held = chosen.held_back
+        star(held, f"chosen on held-back slice ({held.metric:.3f})", s=200, facecolor="none")
     axes.set_xlabel("average exit layer (lower is faster)")
     axes.set_ylabel(f"{metric} (calibration slice)")
     axes.set_title(title, fontsize=10)

@@ -71,11 +71,12 @@ class RowProblems:
             return {}
         if not skip_invalid:
             raise self.error()
-        (notify or _stderr)(self.summary())
+        (notify or print_notice)(self.summary())
         return self.as_dict()
 
 
-def _stderr(message: str) -> None:
+def print_notice(message: str) -> None:
+    """A notice for the user of a command: one `epee: ...` line on stderr."""
     print(f"epee: {message}", file=sys.stderr)
 
 

@@ -54,6 +54,12 @@ def special_token_ids(tokenizer) -> dict[str, int]:
     }
 
 
+SMALL_GPT2_SIZE = {
+    "n_embd": 256,
+    "n_layer": 6,
+    "n_head": 4,
+    "n_positions": 512,
+}  # GPT-2's names, the same sizes
 SMALL_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
     "bert-small": lambda tokenizer: BertConfig(vocab_size=len(tokenizer), **SMALL_TEXT_SIZE),
     "albert-small": lambda tokenizer: AlbertConfig(
@@ -66,12 +72,7 @@ SMALL_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
         **SMALL_TEXT_SIZE,
     ),
     "gpt2-small": lambda tokenizer: GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=256,
-        n_layer=6,
-        n_head=4,
-        n_positions=512,
-        **special_token_ids(tokenizer),
+        vocab_size=len(tokenizer), **SMALL_GPT2_SIZE, **special_token_ids(tokenizer)
     ),
     # 28×28 images (MedMNIST) in 4×4 patches: 49 patch tokens + CLS.
     "vit-small": lambda: ViTConfig(
