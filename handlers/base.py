@@ -99,8 +99,7 @@ class EarlyExitHandler(BaseHandler):
             return super().handle(data, context)
         except Exception as error:
             logger.error("epee: batch of %d failed outside the service: %s", len(data), type(error).__name__)
-            answers = [failure_answer(error) for _ in data]
-            answers = [Answer(500, answer.body, failure=answer.failure) for answer in answers]
+            answers = [failure_answer(error, server_fault=True) for _ in data]
             return self.respond(answers, uuid.uuid4().hex[:12])
 
     def preprocess(self, data: list) -> list:

@@ -108,11 +108,12 @@ class Answer:
         return [] if self.exit_layer is None else [self.exit_layer]
 
 
-def failure_answer(error: BaseException) -> Answer:
-    """The answer of a request whose handling raised: 400 when its input is to blame, else 500; the message names
-    the exception type only (an exception's message may quote the request)."""
+def failure_answer(error: BaseException, server_fault: bool = False) -> Answer:
+    """The answer of a request whose handling raised: 400 when its input is to blame, else (or with
+    `server_fault`) 500; the message names the exception type only (an exception's message may quote the
+    request)."""
     kind = type(error).__name__
-    if isinstance(error, INPUT_FAULTS):
+    if isinstance(error, INPUT_FAULTS) and not server_fault:
         return Answer(400, {"error": f"the model cannot process this request ({kind})"}, failure=kind)
     return Answer(500, {"error": f"internal error while serving this request ({kind})"}, failure=kind)
 
