@@ -1,44 +1,30 @@
-"""The results report script (epee_core.measure.results): recipes as `epee train` commands, notes derived from numbers."""
+"""The results report (epee_core.measure.results): its commands are `epee` commands, the dev split's halves, and
+one tiny run end to end: certified policies measured on the held-out half with bootstrap intervals."""
 
 from __future__ import annotations
 
 import json
+import random
 import shlex
 from pathlib import Path
 
 import pytest
+from helpers import build_tiny_model
+from hypothesis import given
+from hypothesis import strategies as st
 
 from epee_core.cli import build_parser
-from epee_core.engine.spec import ConfigError
+from epee_core.cli.calibrate import calibration_job
+from epee_core.engine.model import SPEC_FILE
+from epee_core.engine.spec import ConfigError, ModelSpec
 from epee_core.measure import results
-
-
-def fake_run(
-    full_f1: float, epee_f1: float, full_accuracy: float = 0.8, oracle_accuracy: float = 0.9
-) -> dict:
-    def policy(f1: float, accuracy: float, exit_layer: float) -> dict:
-        return {
-            "accuracy": accuracy,
-            "macro_f1": f1,
-            "avg_exit_layer": exit_layer,
-            "samples_per_second": 100.0,
-            "exit_layer_counts": [0, 0, 3, 0, 0, 1],  # 3 of 4 samples stop before layer 6
-            "params": {"entropy_threshold": 0.2},
-        }
-
-    scores = {name: policy(0.5, 0.5, 3.0) for name in results.POLICIES}
-    scores.update(
-        full=policy(full_f1, full_accuracy, 6.0),
-        epee=policy(epee_f1, 0.8, 3.0),
-        oracle=policy(0.95, oracle_accuracy, 2.0),
-    )
-    return {"backbone": "minilm", "dataset": "ade", "f1_key": "macro_f1", "num_layers": 6, "results": scores}
+from epee_core.serving.config import ServeConfig
 
 
 @pytest.mark.parametrize(("backbone", "dataset"), results.RUNS)
-def test_each_recipe_is_the_epee_train_command_it_prints(backbone, dataset):
+def test_each_run_trains_with_the_epee_train_command_it_prints(backbone, dataset):
     config = results.train_config(
-        results.RECIPES[backbone], results.DATASETS[dataset], Path("data"), Path("models/x")
+        backbone, results.DATASETS[dataset], Path("data"), Path("models/x"), skip_invalid=True, threads=1
     )
     args = build_parser().parse_args(shlex.split(results.train_command(config))[1:])
     assert (args.task, args.backbone, args.train, args.dev, args.output) == (
@@ -48,49 +34,35 @@ def test_each_recipe_is_the_epee_train_command_it_prints(backbone, dataset):
         config.dev_path,
         config.output,
     )
-    assert (args.epochs, args.max_samples, args.max_dev_samples, args.batch_size) == (
+    assert (args.epochs, args.max_samples, args.max_dev_samples, args.threads, args.skip_invalid) == (
         config.epochs,
-        config.max_samples,
+        None,
         config.max_dev_samples,
-        config.batch_size,
+        1,
+        True,
     )
-    assert (args.lr, args.head_lr) == (config.learning_rate, config.head_learning_rate)
+    # Everything else is the backbone's recipe: no flag sets it.
+    assert (args.lr, args.head_lr, args.batch_size, args.class_balance) == (None, None, None, None)
 
 
-@pytest.mark.parametrize(
-    ("full_f1", "epee_f1", "verdict"),
-    [(0.80, 0.83, "**improves**"), (0.80, 0.795, "matches"), (0.80, 0.70, "**loses** 0.100")],
-)
-def test_note_says_whether_epee_improves_matches_or_loses_against_full_depth(full_f1, epee_f1, verdict):
-    note = results.overthinking_note(fake_run(full_f1, epee_f1))
-    assert verdict in note and "3.00 of 6 layers" in note
-    assert "stopping before the last layer for 75% of samples" in note
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_each_certification_is_the_epee_calibrate_command_it_prints(quantize):
+    job = results.calibration_job(Path("models/x"), Path("models/x/calibration.jsonl"), quantize, True)
+    args = build_parser().parse_args(shlex.split(results.calibrate_command(job))[1:])
+    assert calibration_job(args) == job
 
 
-def test_overthinking_share_is_oracle_minus_full_accuracy():
-    note = results.overthinking_note(fake_run(0.8, 0.8, full_accuracy=0.80, oracle_accuracy=0.87))
-    assert "7.0% of samples are right at some earlier exit" in note
-
-
-def test_summary_sorts_runs_by_the_epee_verdict():
-    runs = [fake_run(0.8, 0.9), fake_run(0.8, 0.8)]
-    runs[1]["backbone"] = "gpt2-small"
-    above, level, below, overthought, others, rarely_early = results.summary_notes(runs)
-    assert above.endswith("minilm/ade.") and level.endswith("gpt2-small/ade.") and below.endswith("none.")
-    assert "minilm/ade, gpt2-small/ade" in overthought and others.endswith("none.")
-    assert rarely_early.endswith("none.")  # 3 of 4 samples stop early
-
-
-def test_summary_names_other_rules_that_beat_full_depth_when_epee_does_not():
-    run = fake_run(0.5, 0.5)  # entropy and fpabee score 0.5 too
-    run["results"]["patience"]["macro_f1"] = 0.6
-    assert results.summary_notes([run])[-2].endswith("minilm/ade (patience).")
-    note = results.overthinking_note(run)
-    assert "Best early-exit macro_f1: patience (0.600 at 3.00 layers), above full depth." in note
+@given(st.lists(st.sampled_from("abcde"), max_size=60), st.integers(0, 3))
+def test_dev_halves_cover_every_row_once_and_split_every_label_evenly(strata, seed):
+    first, second = results.stratified_halves(strata, seed)
+    assert sorted(first + second) == list(range(len(strata)))
+    assert abs(len(first) - len(second)) <= 1
+    for label in set(strata):
+        assert abs(sum(strata[i] == label for i in first) - sum(strata[i] == label for i in second)) <= 1
 
 
 def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
-    assert results.main(["--commands"]) == 0
+    assert results.main(["--commands", "--skip-invalid"]) == 0  # as docs/training.md regenerates the report
     printed = capsys.readouterr().out.splitlines()
     documented = Path(__file__).resolve().parents[1] / "docs" / "training.md"
     in_doc = [
@@ -114,3 +86,63 @@ def test_report_commands_carry_skip_invalid_when_the_report_does(capsys):
     (command,) = capsys.readouterr().out.splitlines()
     assert command.endswith(" --skip-invalid")
     assert build_parser().parse_args(shlex.split(command)[1:]).skip_invalid
+
+
+@pytest.fixture
+def trained_run(tokenizer, tmp_path):
+    """A data folder with an ADE-like dev split (one unusable row) and a tiny model filed as minilm/ade,
+    its training record saying it was trained with the report's recipe on the whole training split."""
+    data, models = tmp_path / "data", tmp_path / "models"
+    (data / "ade").mkdir(parents=True)
+    rng = random.Random(0)
+    with (Path(results.__file__).parents[1] / "data" / "ade_demo_dev.jsonl").open() as lines:
+        rows = [json.dumps({"text": json.loads(line)["text"], "label": rng.choice("ab")}) for line in lines]
+    (data / "ade" / "dev.jsonl").write_text("\n".join(rows[:160] + ['{"text": 1}']) + "\n")
+    model_dir = models / "ade-minilm"
+    build_tiny_model(tokenizer, num_layers=4).save_pretrained(model_dir)
+    config = results.train_config("minilm", results.DATASETS["ade"], data, model_dir)
+    resolved, _ = config.with_recipe()
+    spec = ModelSpec.load(model_dir / SPEC_FILE)
+    spec.training = {key: getattr(resolved, key) for key in results.RECIPE_FIELDS}
+    spec.training.update(max_samples=None, train_samples=20411, train_seconds=600.0, skipped_rows={"train": {}})
+    spec.save(model_dir / SPEC_FILE)
+    return data, models, tmp_path / "docs" / "results.md"
+
+
+def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_run, monkeypatch):
+    data, models, output = trained_run
+    argv = ["--data", str(data), "--models", str(models), "--output", str(output), "--resamples", "40"]
+    argv += ["--only", "minilm/ade,minilm/ddi", "--skip-untrained", "--skip-invalid"]
+    assert results.main(argv) == 0
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["missing"] == ["minilm/ddi"]
+    (run,) = report["runs"]
+    model_dir = models / "ade-minilm"
+    calibration = (model_dir / "calibration.jsonl").read_text().splitlines()
+    heldout = (model_dir / "heldout.jsonl").read_text().splitlines()
+    source = (data / "ade" / "dev.jsonl").read_text().splitlines()
+    assert sorted(calibration + heldout) == sorted(source) and not set(calibration) & set(heldout)
+    assert run["heldout_rows"] + sum(run["skipped_rows"].values()) == len(heldout)
+    rows = run["rows"]
+    assert list(rows) == [key for key, _ in results.ROWS]
+    for row in rows.values():
+        for key in ("accuracy", "macro_f1"):
+            low, high = row["intervals"][key]
+            assert low <= row[key] <= high
+    assert rows["full"]["intervals"]["delta_accuracy"] == [0.0, 0.0]
+    assert rows["oracle"]["accuracy"] >= rows["full"]["accuracy"]
+    assert rows["hf"]["speedup_vs_hf"] == 1.0 and rows["hf"]["accuracy"] == rows["full"]["accuracy"]
+    for key, quantize in (("certified", "none"), ("int8_certified", "int8")):
+        yaml_path = model_dir / ("certified.yaml" if quantize == "none" else "certified-int8.yaml")
+        assert yaml_path.is_file() and run["certificates"][key]["calibration_rows"] <= len(calibration)
+        assert rows[key]["policy"] == ServeConfig.load(yaml_path).policy.name
+    assert run["commands"][0].startswith("epee train") and "--quantize int8" in run["commands"][2]
+    markdown = output.read_text()
+    assert "| minilm | ade (" in markdown and "not trained when it was generated" in markdown
+    assert "int8 + certified" in markdown and "minilm/ddi" in markdown
+
+    def fail(*_):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(results, "certify_and_measure", fail)
+    assert results.main(argv) == 0  # resumed: heldout.json is read back

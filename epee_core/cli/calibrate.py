@@ -144,10 +144,11 @@ def held_back_fraction(args) -> float:
     return 0.3 if args.guarantee == "none" else 0.6
 
 
-def run_calibrate(args) -> None:
-    from ..calibration import CalibrationJob, CalibrationOptions, ServingOptions, run_calibration
+def calibration_job(args):
+    """The CalibrationJob an `epee calibrate` command line asks for."""
+    from ..calibration import CalibrationJob, CalibrationOptions, ServingOptions
 
-    job = CalibrationJob(
+    return CalibrationJob(
         model_dir=args.model,
         data_path=args.data,
         output=args.output,
@@ -170,5 +171,10 @@ def run_calibrate(args) -> None:
             policies=tuple(name.strip() for name in args.policies.split(",")) if args.policies else None,
         ),
     )
-    report = run_calibration(job)
+
+
+def run_calibrate(args) -> None:
+    from ..calibration import run_calibration
+
+    report = run_calibration(calibration_job(args))
     emit(report, args.json, render_calibration)

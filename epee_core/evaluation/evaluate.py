@@ -87,6 +87,7 @@ def evaluate_policies(
     policies: list[Policy],
     batch_size: int = 8,
     stock_model: EarlyExitModel | None = None,
+    keep_predictions: bool = False,
 ) -> list[dict]:
     """Every policy on the same inputs in one run, through the serving runner (`run_bucketed`), so their speeds
     compare side by side; one result per policy, plus an `hf` row timing `stock_model`'s plain forward when given
@@ -95,7 +96,8 @@ def evaluate_policies(
     Contestants take turns batch by batch (each timed on its own, the first turn rotating), so a noisy neighbour
     on the machine slows all of them alike; a few untimed warm-up batches per contestant come first.
     `wall_seconds` is engine time (tokenization is done once, before timing); `batch_ms_p50` / `batch_ms_p95`
-    are per-batch latencies.
+    are per-batch latencies. `keep_predictions` adds each contestant's per-row predictions (`predicted`, a numpy
+    array in input order) for paired statistics such as bootstrap intervals.
     """
     model.eval()
     device = model.device
@@ -136,6 +138,9 @@ def evaluate_policies(
         )
         for i, (policy, _) in enumerate(contestants)
     ]
+    if keep_predictions:
+        for result, rows_predicted in zip(results, predicted):
+            result["predicted"] = torch.cat(rows_predicted).numpy()
     for baseline in ("full", STOCK_BASELINE):
         reference = next((result for result in results if result["policy"] == baseline), None)
         if reference is not None:

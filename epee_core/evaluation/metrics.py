@@ -37,3 +37,43 @@ def task_metrics(
         positive = [i for i, label in enumerate(labels) if label != negative_label]
         result["micro_f1"] = float(f1_score(gold, pred, labels=positive, average="micro", zero_division=0))
     return result
+
+
+def bootstrap_intervals(
+    task: str,
+    gold,
+    predicted: dict[str, np.ndarray],
+    labels: list[str],
+    negative_label: str | None = None,
+    keys: tuple[str, ...] = ("accuracy",),
+    reference: str | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, list[float]]]:
+    """Percentile bootstrap intervals of the task metrics `keys` for each contestant's predictions on the same
+    rows; with `reference`, also of each contestant's difference to it (`delta_<key>`), resampling the rows
+    jointly so the pairing is kept. Returns {name: {key: [low, high], "delta_<key>": [low, high]}}."""
+    gold = np.asarray(gold)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(gold), size=(resamples, len(gold)))
+    draws = {name: {key: np.empty(resamples) for key in keys} for name in predicted}
+    for number, sample in enumerate(rows):
+        for name, pred in predicted.items():
+            scores = task_metrics(task, gold[sample], np.asarray(pred)[sample], labels, negative_label)
+            for key in keys:
+                draws[name][key][number] = scores[key]
+    tail = (1.0 - level) / 2 * 100
+
+    def interval(values: np.ndarray) -> list[float]:
+        low, high = np.percentile(values, [tail, 100 - tail])
+        return [round(float(low), 4), round(float(high), 4)]
+
+    intervals = {
+        name: {key: interval(values) for key, values in by_key.items()} for name, by_key in draws.items()
+    }
+    if reference is not None:
+        for name in predicted:
+            for key in keys:
+                intervals[name][f"delta_{key}"] = interval(draws[name][key] - draws[reference][key])
+    return intervals
