@@ -45,9 +45,13 @@ def test_each_run_trains_with_the_epee_train_command_it_prints(backbone, dataset
     assert (args.lr, args.head_lr, args.batch_size, args.class_balance) == (None, None, None, None)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_each_certification_is_the_epee_calibrate_command_it_prints(quantize):
-    job = results.calibration_job(Path("models/x"), Path("models/x/calibration.jsonl"), quantize, True)
+@pytest.mark.parametrize(
+    ("quantize", "guarantee"), [("none", "accuracy"), ("int8", "accuracy"), ("none", "none")]
+)
+def test_each_calibration_is_the_epee_calibrate_command_it_prints(quantize, guarantee):
+    job = results.calibration_job(
+        Path("models/x"), Path("models/x/calibration.jsonl"), quantize, guarantee, True
+    )
     args = build_parser().parse_args(shlex.split(results.calibrate_command(job))[1:])
     assert calibration_job(args) == job
 
@@ -104,7 +108,9 @@ def trained_run(tokenizer, tmp_path):
     resolved, _ = config.with_recipe()
     spec = ModelSpec.load(model_dir / SPEC_FILE)
     spec.training = {key: getattr(resolved, key) for key in results.RECIPE_FIELDS}
-    spec.training.update(max_samples=None, train_samples=20411, train_seconds=600.0, skipped_rows={"train": {}})
+    spec.training.update(
+        max_samples=None, train_samples=20411, train_seconds=600.0, skipped_rows={"train": {}}
+    )
     spec.save(model_dir / SPEC_FILE)
     return data, models, tmp_path / "docs" / "results.md"
 
@@ -132,11 +138,16 @@ def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_ru
     assert rows["full"]["intervals"]["delta_accuracy"] == [0.0, 0.0]
     assert rows["oracle"]["accuracy"] >= rows["full"]["accuracy"]
     assert rows["hf"]["speedup_vs_hf"] == 1.0 and rows["hf"]["accuracy"] == rows["full"]["accuracy"]
-    for key, quantize in (("certified", "none"), ("int8_certified", "int8")):
-        yaml_path = model_dir / ("certified.yaml" if quantize == "none" else "certified-int8.yaml")
+    for key, stem in (
+        ("certified", "certified"),
+        ("int8_certified", "certified-int8"),
+        ("uncertified", "uncertified"),
+    ):
+        yaml_path = model_dir / f"{stem}.yaml"
         assert yaml_path.is_file() and run["certificates"][key]["calibration_rows"] <= len(calibration)
         assert rows[key]["policy"] == ServeConfig.load(yaml_path).policy.name
     assert run["commands"][0].startswith("epee train") and "--quantize int8" in run["commands"][2]
+    assert "--guarantee none" in run["commands"][3]
     markdown = output.read_text()
     assert "| minilm | ade (" in markdown and "not trained when it was generated" in markdown
     assert "int8 + certified" in markdown and "minilm/ddi" in markdown

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shlex
 import sys
@@ -47,6 +48,13 @@ from ..serving.config import ServeConfig
 from ..training.trainer import RECIPE_FIELDS, TrainConfig, train
 
 MEASUREMENT_FILE = "heldout.json"
+# The calibrations of a run: (row key, --quantize, --guarantee). The uncertified one shows what a 1-point budget
+# without a certificate would pick where the calibration half is too small to certify anything.
+CALIBRATIONS = (
+    ("certified", "none", "accuracy"),
+    ("int8_certified", "int8", "accuracy"),
+    ("uncertified", "none", "none"),
+)
 EVAL_SEED = 0  # seed of every split and sample the report draws
 MAX_DEV_SAMPLES = 300  # the per-epoch dev report printed while training only
 # Rows of the report's table per run, in order: (key, label).
@@ -54,6 +62,7 @@ ROWS = (
     ("hf", "hf (stock forward)"),
     ("full", "full depth"),
     ("certified", "certified"),
+    ("uncertified", "calibrated, no certificate"),
     ("int8_full", "int8 full depth"),
     ("int8_certified", "int8 + certified"),
     ("oracle", "oracle"),
@@ -175,17 +184,24 @@ def train_command(config: TrainConfig) -> str:
     return shlex.join(words)
 
 
-def calibration_job(model_dir: Path, data_path: Path, quantize: str, skip_invalid: bool) -> CalibrationJob:
-    """`epee calibrate` with its default guarantee on the calibration half, float32 or int8."""
-    stem = "certified" if quantize == "none" else f"certified-{quantize}"
+def calibration_job(
+    model_dir: Path, data_path: Path, quantize: str, guarantee: str, skip_invalid: bool
+) -> CalibrationJob:
+    """`epee calibrate` on the calibration half, float32 or int8, with its default guarantee (or none); the
+    float32 calibrations share one logit cache."""
+    stem = "certified" if guarantee != "none" else "uncertified"
+    stem += "" if quantize == "none" else f"-{quantize}"
+    cache = "logits" if quantize == "none" else f"logits-{quantize}"
     return CalibrationJob(
         model_dir=str(model_dir),
         data_path=str(data_path),
         output=str(model_dir / f"{stem}.yaml"),
-        cache_path=str(model_dir / f"{stem}.cache.safetensors"),
+        cache_path=str(model_dir / f"{cache}.cache.safetensors"),
         skip_invalid=skip_invalid,
         serving=ServingOptions(quantize=quantize),
-        options=CalibrationOptions(guarantee="accuracy", held_back_fraction=0.6),
+        options=CalibrationOptions(
+            guarantee=guarantee, held_back_fraction=0.3 if guarantee == "none" else 0.6
+        ),
     )
 
 
@@ -195,6 +211,8 @@ def calibrate_command(job: CalibrationJob) -> str:
     words += ["--cache", job.cache_path]
     if job.serving.quantize != "none":
         words += ["--quantize", job.serving.quantize]
+    if job.options.guarantee != "accuracy":
+        words += ["--guarantee", job.options.guarantee]
     if job.skip_invalid:
         words += ["--skip-invalid"]
     return shlex.join(words)
@@ -324,14 +342,21 @@ def measure(
     resamples: int,
     skip_invalid: bool,
 ) -> dict:
-    """The report's rows on the held-out half: a float32 run (hf, full, certified, oracle) and an int8 run (full,
-    certified, with float32 hf beside them), each timed side by side; bootstrap intervals over all six."""
+    """The report's rows on the held-out half: a float32 run (hf, full, certified, uncertified, oracle) and an int8
+    run (full, certified, with float32 hf beside them), each timed side by side; bootstrap intervals over all."""
     model = EarlyExitModel.from_pretrained(model_dir)
     data = read_task_examples(
         heldout, dataset.task, "eval", skip_invalid=skip_invalid, labels=model.spec.labels, notify=log
     )
     runs = {
-        "float32": (model, {"full": make_policy("full"), "certified": policies["certified"]}),
+        "float32": (
+            model,
+            {
+                "full": make_policy("full"),
+                "certified": policies["certified"],
+                "uncertified": policies["uncertified"],
+            },
+        ),
         "int8": (
             EarlyExitModel.from_pretrained(model_dir, quantize="int8"),
             {"int8_full": make_policy("full"), "int8_certified": policies["int8_certified"]},
@@ -373,7 +398,9 @@ def measure(
 
 
 def measurement_settings(args: argparse.Namespace) -> dict:
-    return {"batch_size": args.batch_size, "resamples": args.resamples, "threads": args.threads}
+    """What a stored measurement must have been taken with to be reused (its rows too)."""
+    rows = [key for key, _ in ROWS]
+    return {"batch_size": args.batch_size, "resamples": args.resamples, "threads": args.threads, "rows": rows}
 
 
 def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict | None:
@@ -400,7 +427,8 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
         measurement_path.write_text(json.dumps(measurement, indent=2), encoding="utf-8")
     calibration, _ = split_paths(dataset, model_dir)
     jobs = [
-        calibration_job(model_dir, calibration, quantize, args.skip_invalid) for quantize in ("none", "int8")
+        calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
+        for _, quantize, guarantee in CALIBRATIONS
     ]
     return {
         "backbone": backbone,
@@ -417,8 +445,8 @@ def certify_and_measure(model_dir: Path, dataset: DataSet, data_dir: Path, args:
     started = time.perf_counter()
     calibration, heldout = split_dev(dataset, data_dir, model_dir)
     certificates, policies = {}, {}
-    for key, quantize in (("certified", "none"), ("int8_certified", "int8")):
-        job = calibration_job(model_dir, calibration, quantize, args.skip_invalid)
+    for key, quantize, guarantee in CALIBRATIONS:
+        job = calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
         log(f"certify {model_dir.name}: {calibrate_command(job)}")
         step = time.perf_counter()
         report = run_calibration(job, notify=log)
@@ -459,33 +487,60 @@ def interval_text(bounds: list[float], scale: float = 1.0, signed: bool = False)
     return f"[{low:{sign}.3f}, {high:{sign}.3f}]" if scale == 1 else f"[{low:{sign}.1f}, {high:{sign}.1f}]"
 
 
-def certified_delta(run: dict, key: str = "certified") -> float:
+def accuracy_delta(run: dict, key: str) -> float:
     """Accuracy of a row minus full depth's, on the held-out half (negative: a drop)."""
     rows = run["rows"]
     return rows[key]["accuracy"] - rows["full"]["accuracy"]
 
 
+# With no loss on any test row, a drop ≤ ε is certified at risk δ once (1 − ε)^n ≤ δ.
+MIN_TEST_ROWS = math.ceil(math.log(0.1) / math.log(1 - 0.01))
+
+
+def held_out_note(runs: list[dict], key: str, what: str) -> str:
+    """How often the `key` row stayed within 1 point of full depth on the held-out half, and how deep it ran."""
+    within = [run for run in runs if accuracy_delta(run, key) >= -0.01]
+    beyond = [
+        f"{run['backbone']}/{run['dataset']} ({accuracy_delta(run, key) * 100:+.1f} pt)"
+        for run in runs
+        if accuracy_delta(run, key) < -0.01
+    ]
+    fewer = [
+        f"{run['backbone']}/{run['dataset']} ({run['rows'][key]['layer_speedup']:.2f}×)"
+        for run in runs
+        if run["rows"][key]["layer_speedup"] >= 1.3
+    ]
+    return (
+        f"{what}: within 1 point of full-depth accuracy on the held-out half for {len(within)} of {len(runs)} "
+        f"runs, beyond it for {', '.join(beyond) or 'none'}; at least 1.3× fewer layers than full depth: "
+        f"{', '.join(fewer) or 'none'}."
+    )
+
+
+def names(runs: list[dict]) -> list[str]:
+    return [f"{run['backbone']}/{run['dataset']}" for run in runs]
+
+
 def summary_notes(runs: list[dict]) -> list[str]:
-    """Counts across runs: certificates issued, the promise kept on held-out rows, the depth saved."""
-    label = [f"{run['backbone']}/{run['dataset']}" for run in runs]
-    none_certified = [
-        name for name, run in zip(label, runs) if not run["certificates"]["certified"]["certified"]
+    """Counts across runs: certificates issued, the budget kept on held-out rows, the depth saved."""
+    uncertified = [run for run in runs if not run["certificates"]["certified"]["certified"]]
+    too_few = [
+        run
+        for run in uncertified
+        if run["certificates"]["certified"]["calibration_rows"] * 0.6 < MIN_TEST_ROWS
     ]
-    kept = [name for name, run in zip(label, runs) if certified_delta(run) >= -0.01]
-    broken = [
-        f"{name} ({certified_delta(run) * 100:+.1f} pt)"
-        for name, run in zip(label, runs)
-        if certified_delta(run) < -0.01
-    ]
-    fewer = [name for name, run in zip(label, runs) if run["rows"]["certified"]["layer_speedup"] >= 1.3]
     return [
         f"A policy other than full depth was certified (1-point accuracy budget, risk 0.1) for "
-        f"{len(runs) - len(none_certified)} of {len(runs)} runs; where nothing could be certified the model "
-        f"serves full depth: {', '.join(none_certified) or 'none'}.",
-        f"On the held-out half the certified policy stayed within 1 point of full-depth accuracy for {len(kept)} of "
-        f"{len(runs)} runs; beyond it: {', '.join(broken) or 'none'} (the guarantee allows this for 10 % of "
-        "calibration draws; a point estimate on a few hundred rows also carries its own sampling error).",
-        f"Certified policies with at least 1.3× fewer layers than full depth: {', '.join(fewer) or 'none'}.",
+        f"{len(runs) - len(uncertified)} of {len(runs)} runs; where nothing could be certified the model "
+        f"serves full depth: {', '.join(names(uncertified)) or 'none'}.",
+        f"Even with no error at all, certifying a 1-point drop at risk 0.1 takes {MIN_TEST_ROWS} test rows, i.e. "
+        f"a calibration half of {math.ceil(MIN_TEST_ROWS / 0.6)} rows (60 % of it tests): too small here: "
+        f"{', '.join(names(too_few)) or 'none'}. Calibrate those on more labelled rows, or accept the uncertified row.",
+        held_out_note(runs, "certified", "Certified policy (float32)")
+        + " The guarantee allows a larger drop for 10 % of calibration draws, and a point estimate on a few "
+        "hundred rows carries its own sampling error (see the intervals).",
+        held_out_note(runs, "int8_certified", "int8 + certified policy"),
+        held_out_note(runs, "uncertified", "Calibrated without a certificate (same 1-point budget)"),
     ]
 
 
@@ -499,7 +554,7 @@ def table_rows(run: dict) -> list[str]:
         row = rows[name]
         bounds = row["intervals"]
         setting = label
-        if name in ("certified", "int8_certified"):
+        if name in ("certified", "uncertified", "int8_certified"):
             setting = f"{label}: {make_policy(row['policy'], row['params']).describe()}"
         delta = bounds.get("delta_accuracy")
         cells = [
