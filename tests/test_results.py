@@ -124,8 +124,9 @@ def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_ru
     assert report["missing"] == ["minilm/ddi"]
     (run,) = report["runs"]
     model_dir = models / "ade-minilm"
-    calibration = (model_dir / "calibration.jsonl").read_text().splitlines()
-    heldout = (model_dir / "heldout.jsonl").read_text().splitlines()
+    report_dir = model_dir / results.REPORT_DIR
+    calibration = (report_dir / "calibration.jsonl").read_text().splitlines()
+    heldout = (report_dir / "heldout.jsonl").read_text().splitlines()
     source = (data / "ade" / "dev.jsonl").read_text().splitlines()
     assert sorted(calibration + heldout) == sorted(source) and not set(calibration) & set(heldout)
     assert run["heldout_rows"] + sum(run["skipped_rows"].values()) == len(heldout)
@@ -143,7 +144,7 @@ def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_ru
         ("int8_certified", "certified-int8"),
         ("uncertified", "uncertified"),
     ):
-        yaml_path = model_dir / f"{stem}.yaml"
+        yaml_path = report_dir / f"{stem}.yaml"
         assert yaml_path.is_file() and run["certificates"][key]["calibration_rows"] <= len(calibration)
         assert rows[key]["policy"] == ServeConfig.load(yaml_path).policy.name
     assert run["commands"][0].startswith("epee train") and "--quantize int8" in run["commands"][2]

@@ -7,18 +7,19 @@ backbone's default recipe, given a certified early-exit policy, and measured on 
 Each run (`run_one`):
 1. **train**: `epee train` with the recipe defaults on every usable training row (ADE: one epoch of 20,411 rows);
 2. **split**: the dev split (PneumoniaMNIST: val) is cut into two label-stratified halves (seed 0), written into
-   the model directory: `calibration.*` and `heldout.*`. Each data set's own test split is kept back by its
-   provider, so the held-out half stands in for it;
-3. **certify**: `epee calibrate` on the calibration half, float32 and int8, with its default guarantee (accuracy
-   drop vs full depth at most 1 point with probability at least 90 %);
+   the model directory's `report/` folder: `calibration.*` and `heldout.*`. Each data set's own test split is
+   kept back by its provider, so the held-out half stands in for it;
+3. **calibrate**: `epee calibrate` on the calibration half with its default guarantee (accuracy drop vs full
+   depth at most 1 point with probability at least 90 %), float32 and int8, and once more without a
+   certificate (`--guarantee none`, same budget);
 4. **measure** on the held-out half, contestants taking turns batch by batch: the stock Hugging Face forward
-   (`hf`), full depth, the certified policy and the oracle, then int8 full depth and int8 + its certified policy
-   beside float32 `hf` again. Accuracy and task F1 get 95 % bootstrap intervals, and every row its paired
-   difference to full depth.
+   (`hf`), full depth, the certified and the uncertified policy and the oracle, then int8 full depth and int8 +
+   its certified policy beside float32 `hf` again. Accuracy and task F1 get 95 % bootstrap intervals, and every
+   row its paired difference to full depth.
 
 Resumable: a model directory whose `epee.yaml` records the same recipe on the whole training split is not
-retrained; calibration reuses its logit caches; the measurement is read back from `heldout.json` unless its
-settings changed or `--remeasure`.
+retrained; calibration reuses its logit caches; the measurement is read back from `report/measurement.json`
+unless its settings changed or `--remeasure`.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from ..evaluation.metrics import bootstrap_intervals
 from ..serving.config import ServeConfig
 from ..training.trainer import RECIPE_FIELDS, TrainConfig, train
 
-MEASUREMENT_FILE = "heldout.json"
+REPORT_DIR = "report"  # inside the model directory: a sub-folder, so calibration caches still match the model
+MEASUREMENT_FILE = "measurement.json"
 # The calibrations of a run: (row key, --quantize, --guarantee). The uncertified one shows what a 1-point budget
 # without a certificate would pick where the calibration half is too small to certify anything.
 CALIBRATIONS = (
@@ -187,16 +189,16 @@ def train_command(config: TrainConfig) -> str:
 def calibration_job(
     model_dir: Path, data_path: Path, quantize: str, guarantee: str, skip_invalid: bool
 ) -> CalibrationJob:
-    """`epee calibrate` on the calibration half, float32 or int8, with its default guarantee (or none); the
-    float32 calibrations share one logit cache."""
+    """`epee calibrate` on the calibration half, float32 or int8, with its default guarantee (or none); it
+    writes into the model's report folder, and the float32 calibrations share one logit cache."""
     stem = "certified" if guarantee != "none" else "uncertified"
     stem += "" if quantize == "none" else f"-{quantize}"
     cache = "logits" if quantize == "none" else f"logits-{quantize}"
     return CalibrationJob(
         model_dir=str(model_dir),
         data_path=str(data_path),
-        output=str(model_dir / f"{stem}.yaml"),
-        cache_path=str(model_dir / f"{cache}.cache.safetensors"),
+        output=str(model_dir / REPORT_DIR / f"{stem}.yaml"),
+        cache_path=str(model_dir / REPORT_DIR / f"{cache}.cache.safetensors"),
         skip_invalid=skip_invalid,
         serving=ServingOptions(quantize=quantize),
         options=CalibrationOptions(
@@ -416,7 +418,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
     if not trained:
         log(f"train {run_name(backbone, dataset_name)}: {train_command(config)}")
         train(config)
-    measurement_path = model_dir / MEASUREMENT_FILE
+    measurement_path = model_dir / REPORT_DIR / MEASUREMENT_FILE
     measurement = None
     if measurement_path.is_file() and trained and not args.remeasure:
         measurement = json.loads(measurement_path.read_text(encoding="utf-8"))
@@ -425,7 +427,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
     if measurement is None:
         measurement = certify_and_measure(model_dir, dataset, data_dir, args)
         measurement_path.write_text(json.dumps(measurement, indent=2), encoding="utf-8")
-    calibration, _ = split_paths(dataset, model_dir)
+    calibration, _ = split_paths(dataset, model_dir / REPORT_DIR)
     jobs = [
         calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
         for _, quantize, guarantee in CALIBRATIONS
@@ -443,7 +445,8 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
 
 def certify_and_measure(model_dir: Path, dataset: DataSet, data_dir: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
-    calibration, heldout = split_dev(dataset, data_dir, model_dir)
+    (model_dir / REPORT_DIR).mkdir(exist_ok=True)
+    calibration, heldout = split_dev(dataset, data_dir, model_dir / REPORT_DIR)
     certificates, policies = {}, {}
     for key, quantize, guarantee in CALIBRATIONS:
         job = calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
@@ -729,7 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument(
-        "--remeasure", action="store_true", help="certify and measure again even if heldout.json exists"
+        "--remeasure",
+        action="store_true",
+        help="certify and measure again even if report/measurement.json exists",
     )
     parser.add_argument(
         "--skip-untrained",
