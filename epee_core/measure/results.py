@@ -357,6 +357,7 @@ def measure(
                 "full": make_policy("full"),
                 "certified": policies["certified"],
                 "uncertified": policies["uncertified"],
+                "oracle": make_policy("oracle"),
             },
         ),
         "int8": (
@@ -364,7 +365,6 @@ def measure(
             {"int8_full": make_policy("full"), "int8_certified": policies["int8_certified"]},
         ),
     }
-    runs["float32"][1]["oracle"] = make_policy("oracle")
     rows, predicted = {}, {}
     for name, (engine, contestants) in runs.items():
         log(f"measure {model_dir.name} ({name}) on {len(data.examples)} held-out rows")
