@@ -729,3 +729,25 @@ def test_policies_option_restricts_the_families_searched():
     assert {entry["policy"] for entry in result.report(include_settings=True)["settings"]} == {"entropy"}
     with pytest.raises(ConfigError, match="--policies must name one or more of"):
         certifying(policies=("warp",)).check()
+
+
+def test_an_accuracy_budget_that_leaves_the_task_f1_behind_is_flagged():
+    # 995 rows of class a, right and sure at every layer; 5 rows of class b, surely called a until the last layer.
+    # Exiting everything at layer 1 costs 0.5 % accuracy (within the 1-point budget) but all of class b's F1.
+    logits = torch.zeros(4, 1000, len(SYNTHETIC_SPEC.labels))
+    logits[:, :, 0] = 10.0
+    logits[3, 995:, 0], logits[3, 995:, 1] = 0.0, 10.0
+    labels = torch.zeros(1000, dtype=torch.long)
+    labels[995:] = 1
+    result = calibrate(LogitCache(logits, labels), SYNTHETIC_SPEC, CalibrationOptions(max_accuracy_drop=0.01))
+    assert result.chosen.calibration.avg_exit_layer < 4.0
+    assert result.dev["full"].metric - result.dev["chosen"].metric <= 0.01
+    (warning,) = [w for w in result.warnings if w.startswith("macro_f1 of the chosen setting")]
+    assert "more than the budget 0.01 set on accuracy" in warning
+    # Budgeting the F1 itself raises no such warning.
+    assert not any(
+        w.startswith("macro_f1 of")
+        for w in calibrate(
+            LogitCache(logits, labels), SYNTHETIC_SPEC, CalibrationOptions(metric="macro_f1")
+        ).warnings
+    )

@@ -285,3 +285,25 @@ def held_back_warnings(
             f"budget may not hold on new data (use more dev data or a smaller budget)"
         )
     return warnings
+
+
+# The F1 each task is reported by (docs/results.md); a budget or certificate on accuracy does not bound it.
+TASK_F1 = {"relation-extraction": "micro_f1", "multi-label": "example_f1"}
+
+
+def task_f1_warnings(
+    chosen: SliceScore, full: SliceScore, task: str, metric: str, budget: float
+) -> list[str]:
+    """When the budget is on accuracy: does the chosen setting's task F1 (on all dev rows) fall by more than it?
+    On skewed label sets the rows an early exit changes can be the ones F1 counts."""
+    key = TASK_F1.get(task, "macro_f1")
+    if metric != "accuracy" or key not in full.metrics:
+        return []
+    drop = full.metrics[key] - chosen.metrics[key]
+    if drop <= budget + _TOLERANCE:
+        return []
+    return [
+        f"{key} of the chosen setting is {drop:.4f} below full on the dev rows, more than the budget {budget} "
+        f"set on accuracy: only accuracy is budgeted (and certified), not {key}; on a skewed label set use a "
+        "smaller --max-accuracy-drop or --guarantee consistency"
+    ]

@@ -37,6 +37,7 @@ from .search import (
     held_back_warnings,
     pareto_frontier,
     search_space,
+    task_f1_warnings,
 )
 from .timing import LayerTimes
 
@@ -254,17 +255,28 @@ def calibrate(
         frontier=pareto_frontier([full, *settings]),
         choice=choice,
         dev=dev,
-        # certified: the held-back test is the certificate, an empirical check on the same rows adds nothing
-        warnings=[]
-        if options.certifying
-        else held_back_warnings(
-            choice.setting, full, options.max_accuracy_drop, options.metric, options.target_speedup is None
-        ),
+        warnings=calibration_warnings(choice.setting, full, dev, spec, options),
         search_seconds=time.perf_counter() - started,
         guarantee=guarantee,
         certificate=certificate,
         labelled=cache.labelled,
     )
+
+
+def calibration_warnings(
+    chosen: Setting, full: Setting, dev: dict[str, SliceScore], spec: ModelSpec, options: CalibrationOptions
+) -> list[str]:
+    """The held-back over-fitting checks (not when certifying: the held-back test is the certificate, an
+    empirical check on the same rows adds nothing), and whether an accuracy budget left the task F1 behind."""
+    warnings = []
+    if not options.certifying:
+        budget_mode = options.target_speedup is None
+        warnings += held_back_warnings(chosen, full, options.max_accuracy_drop, options.metric, budget_mode)
+    if options.target_speedup is None:
+        warnings += task_f1_warnings(
+            dev["chosen"], dev["full"], spec.task, options.metric, options.max_accuracy_drop
+        )
+    return warnings
 
 
 def choose_certified(
