@@ -12,7 +12,7 @@ import torch
 
 from ..engine.policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
 from ..engine.spec import ModelSpec
-from ..evaluation.metrics import task_metrics
+from ..evaluation.metrics import task_f1, task_metrics
 from .replay import ReplayResult, replay_policy
 from .timing import LayerTimes
 
@@ -287,16 +287,12 @@ def held_back_warnings(
     return warnings
 
 
-# The F1 each task is reported by (docs/results.md); a budget or certificate on accuracy does not bound it.
-TASK_F1 = {"relation-extraction": "micro_f1", "multi-label": "example_f1"}
-
-
 def task_f1_warnings(
     chosen: SliceScore, full: SliceScore, task: str, metric: str, budget: float
 ) -> list[str]:
     """When the budget is on accuracy: does the chosen setting's task F1 (on all dev rows) fall by more than it?
     On skewed label sets the rows an early exit changes can be the ones F1 counts."""
-    key = TASK_F1.get(task, "macro_f1")
+    key = task_f1(task)
     if metric != "accuracy" or key not in full.metrics:
         return []
     drop = full.metrics[key] - chosen.metrics[key]
