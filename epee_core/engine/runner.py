@@ -70,10 +70,11 @@ def _check_right_padding(mask: torch.Tensor) -> None:
 
 
 @dataclass
-class _Group:
-    """Rows that run through the layers together: one padded sub-batch and everything that follows its rows."""
+class RowGroup:
+    """Rows that run through the layers together: one padded sub-batch and everything that follows its rows
+    (the runner's sub-batches and the layer-level scheduler's cohorts)."""
 
-    rows: list[int]  # input row of each sub-batch row
+    rows: list  # what each sub-batch row is: its input row here, a (request, row) pair in the scheduler
     hidden: torch.Tensor  # [b, T, H], T = the longest row of the group
     mask: torch.Tensor  # [b, T]
     state: PolicyState
@@ -81,15 +82,15 @@ class _Group:
     bias: torch.Tensor | None = None  # the attention bias of `mask`; None until `_with_bias` builds it
 
 
-def _with_bias(groups: list[_Group], model: EarlyExitModel) -> list[_Group]:
-    """Build the attention bias of every sub-batch whose rows changed (a new or compacted `_Group` has none)."""
+def _with_bias(groups: list[RowGroup], model: EarlyExitModel) -> list[RowGroup]:
+    """Build the attention bias of every sub-batch whose rows changed (a new or compacted `RowGroup` has none)."""
     for group in groups:
         if group.bias is None:
             group.bias = model.backbone.attention_bias(group.mask, group.hidden.dtype)
     return groups
 
 
-def _take(group: _Group, positions: list[int], length: int) -> _Group:
+def take_rows(group: RowGroup, positions: list[int], length: int) -> RowGroup:
     """The given sub-batch rows of `group`, cut (or zero-padded) to `length` tokens: the one compaction path.
     Padding positions are masked for every real token, so their values never count."""
     index = torch.tensor(positions, device=group.hidden.device)
@@ -98,7 +99,7 @@ def _take(group: _Group, positions: list[int], length: int) -> _Group:
         hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
         mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
     labels = group.labels.index_select(0, index) if group.labels is not None else None
-    return _Group(
+    return RowGroup(
         [group.rows[position] for position in positions],
         hidden.index_select(0, index),
         mask.index_select(0, index),
@@ -107,11 +108,11 @@ def _take(group: _Group, positions: list[int], length: int) -> _Group:
     )
 
 
-def _concat(parts: list[_Group]) -> _Group:
+def _concat(parts: list[RowGroup]) -> RowGroup:
     if len(parts) == 1:
         return parts[0]
     labels = None if parts[0].labels is None else torch.cat([part.labels for part in parts])
-    return _Group(
+    return RowGroup(
         [row for part in parts for row in part.rows],
         torch.cat([part.hidden for part in parts]),
         torch.cat([part.mask for part in parts]),
@@ -120,7 +121,7 @@ def _concat(parts: list[_Group]) -> _Group:
     )
 
 
-def _regroup(groups: list[_Group], lengths: list[int], overhead_tokens: int) -> list[_Group]:
+def _regroup(groups: list[RowGroup], lengths: list[int], overhead_tokens: int) -> list[RowGroup]:
     """Re-partition the active rows with `length_buckets` (rows have left, so sub-batches may merge or split);
     groups whose rows stay together are kept as they are."""
     where = {
@@ -145,7 +146,7 @@ def _regroup(groups: list[_Group], lengths: list[int], overhead_tokens: int) -> 
             if len(positions) == len(group.rows) and group.hidden.shape[1] == longest:
                 parts.append(group)
             elif positions:
-                parts.append(_take(group, positions, longest))
+                parts.append(take_rows(group, positions, longest))
         regrouped.append(_concat(parts))
     return regrouped
 
@@ -176,7 +177,7 @@ def run_early_exit(
     lengths = mask.sum(1).tolist()  # read once; trimming after each compaction needs no tensor reduction
     batch_size, num_outputs = hidden.shape[0], len(model.spec.labels)
     first_read = first_exit_read(policy, num_layers)
-    whole = _Group(
+    whole = RowGroup(
         list(range(batch_size)),
         hidden,
         mask,
@@ -186,7 +187,7 @@ def run_early_exit(
     if overhead_tokens is not None and batch_size > 1:
         groups = _regroup([whole], lengths, overhead_tokens)
     else:
-        groups = [_take(whole, whole.rows, max(lengths, default=0))]
+        groups = [take_rows(whole, whole.rows, max(lengths, default=0))]
     groups = _with_bias(groups, model)
     finished: list[FinishedRows] = []
     rows_per_layer: list[int] = []
@@ -230,7 +231,7 @@ def run_early_exit(
             )
             keep = [position for position, gone in enumerate(leaving) if not gone]
             # trim the padding no remaining row needs, then copy only what stays
-            remaining.append(_take(group, keep, max(lengths[group.rows[position]] for position in keep)))
+            remaining.append(take_rows(group, keep, max(lengths[group.rows[position]] for position in keep)))
         groups = remaining
         if not groups:
             break
