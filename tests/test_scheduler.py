@@ -174,7 +174,9 @@ def test_admission_keeps_rows_in_flight_within_the_limit(setups):
 
 def test_an_oversized_request_runs_alone_when_nothing_else_is_in_flight(setups):
     model, rows, _ = setups["bert"]
-    scheduler = LayerScheduler(model, SchedulerLimits(max_rows_in_flight=1, max_admit_rows=1, max_step_tokens=1))
+    scheduler = LayerScheduler(
+        model, SchedulerLimits(max_rows_in_flight=1, max_admit_rows=1, max_step_tokens=1)
+    )
     scheduler.submit("big", pad_inputs(rows[:3]), make_policy("full"))
     finished = []
     while not scheduler.idle:

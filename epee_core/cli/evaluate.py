@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ..engine.policies import POLICY_NAMES, PolicyError
 from ..serving.config import ServeConfig
 from .common import (
@@ -107,7 +109,31 @@ def add_bench(commands) -> None:
     )
     add_quantize_argument(parser, "run the policies in int8; the `hf` row stays the float32 stock forward")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_open_loop_arguments(parser)
     parser.set_defaults(run=run_bench)
+
+
+def add_open_loop_arguments(parser) -> None:
+    """`--arrival-rate` turns `epee bench` into the open-loop latency benchmark (measure/openloop.py)."""
+    group = parser.add_argument_group(
+        "open loop",
+        "latency under Poisson arrivals: the stock handler, full depth and the YAML's policy batch-level at "
+        "each --delays value, and the policy on the layer-level scheduler",
+    )
+    group.add_argument(
+        "--arrival-rate",
+        metavar="R[,R...]",
+        help="Poisson arrival rates: requests/s, or a fraction of full depth's measured capacity like 0.75x",
+    )
+    group.add_argument(
+        "--delays", default="0,5,10,20,50", help="maxBatchDelay values (ms) swept for batch-level contestants"
+    )
+    group.add_argument("--requests", type=int, default=400, help="requests per run (default 400)")
+    group.add_argument(
+        "--slo-p95-ms", type=float, help="p95 objective for slo_capacity (default: the YAML's slo_p95_ms)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
+    group.add_argument("--plot", help="write the latency-vs-load plot (PNG) here")
 
 
 def parse_batch_sizes(text: str) -> list[int]:
@@ -141,6 +167,8 @@ def bench_placement(device_name: str, dtype_name: str | None):
 def run_bench(args) -> None:
     from pathlib import Path
 
+    if args.arrival_rate:
+        return run_open_loop_bench(args)
     from ..engine.model import EarlyExitModel
     from ..measure import bench
     from ..measure.loadtest import default_report_dir
@@ -166,3 +194,60 @@ def run_bench(args) -> None:
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
     report["written"] = [str(json_path), str(markdown_path)]
     emit(report, args.json, lambda r: bench.render_markdown(r) + "\nwrote " + ", ".join(r["written"]))
+
+
+def run_open_loop_bench(args) -> None:
+    """`epee bench --arrival-rate`: one JSON object with `results`, `best`, `comparisons`, `slo_capacity`."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from ..engine.model import EarlyExitModel
+    from ..engine.spec import read_yaml
+    from ..measure import openloop
+    from ..measure.loadtest import default_report_dir
+
+    serve = ServeConfig.load(args.config) if args.config else ServeConfig()
+    yaml_config = read_yaml(args.config) if args.config else {}
+    if args.policies:
+        names = [name for name in args.policies.split(",") if name.strip() not in ("full", "hf")]
+        policy = policies_from_args(names[0] if names else "full", args.set, args.config)[0]
+    else:
+        policy = serve.policy
+    batch_size = int(yaml_config.get("batchSize", parse_batch_sizes(args.batch_sizes)[-1]))
+    try:
+        delays = tuple(float(part) for part in args.delays.split(","))
+    except ValueError:
+        raise CommandError(f"--delays expects comma-separated milliseconds, got {args.delays!r}") from None
+    if args.requests < 10:
+        raise CommandError(f"--requests must be at least 10, got {args.requests}")
+    device, dtype = bench_placement(args.device, args.dtype)
+    quantize = quantize_choice(args, serve if args.config else None)
+    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, quantize=quantize)
+    stock = EarlyExitModel.from_pretrained(args.model, device=device) if quantize != "none" else None
+    data = read_model_data(args, model)
+    threads = args.threads or serve.num_threads or 1
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bench = openloop.OpenLoopBench(model, data.examples, policy, batch_size, delays, serve.scheduler_limits,
+                                   args.requests, args.seed, stock)  # fmt: skip
+    say = (lambda message: print(message, file=sys.stderr)) if not args.json else None
+    try:
+        report = openloop.run_open_loop(bench, args.arrival_rate, args.slo_p95_ms or serve.slo_p95_ms, say)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    finally:
+        torch.set_num_threads(previous_threads)
+    report = {"model": args.model, "data": args.data, "config": args.config, "policy": policy.describe(),
+              "threads": threads, "quantize": quantize, **report, "skipped_rows": data.skipped_rows}  # fmt: skip
+    stem = f"openloop-{Path(args.model).name}-{Path(args.data).stem}"
+    out_dir = Path(args.output_dir or default_report_dir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(openloop.render_markdown(report))
+    report["written"] = [str(out_dir / f"{stem}.json"), str(out_dir / f"{stem}.md")]
+    if args.plot:
+        openloop.plot_latency(report, args.plot)
+        report["written"].append(args.plot)
+    emit(report, args.json, lambda r: openloop.render_markdown(r) + "\nwrote " + ", ".join(r["written"]))

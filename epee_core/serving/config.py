@@ -14,6 +14,7 @@ import torch
 from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
 from ..engine.quantize import SCHEMES as QUANTIZE_SCHEMES
 from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
+from .scheduler import SchedulerLimits
 
 SERVE_KEYS = {
     "task": str,
@@ -28,6 +29,10 @@ SERVE_KEYS = {
     "max_rows_per_request": int,
     "dtype": str,
     "quantize": str,
+    "slo_p95_ms": int,
+    "max_rows_in_flight": int,
+    "max_admit_rows": int,
+    "max_step_tokens": int,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -105,6 +110,15 @@ class ServeConfig:
     dtype: str | None = None  # weights on a GPU: float16, bfloat16 or float32 (CPU always runs float32)
     quantize: str = "none"  # "int8": the worker quantizes the backbone at load (CPU; engine/quantize.py)
     guarantee: dict[str, Any] | None = None  # what calibration certified for `policy` (see `check_guarantee`)
+    slo_p95_ms: int = 1000  # the latency objective `epee bench --arrival-rate` measures capacity against
+    # the layer-level scheduler's bounds (`continuousBatching: true`; serving/scheduler.py, SchedulerLimits)
+    max_rows_in_flight: int = 64
+    max_admit_rows: int = 32
+    max_step_tokens: int = 16384
+
+    @property
+    def scheduler_limits(self) -> SchedulerLimits:
+        return SchedulerLimits(self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens)
 
     @property
     def guarantee_header(self) -> str | None:
@@ -139,7 +153,8 @@ class ServeConfig:
                 f"{source}: 'quantize' must be one of {', '.join(QUANTIZE_SCHEMES)}, got {settings['quantize']!r}"
             )
         positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
-                    "max_rows_per_request")  # fmt: skip
+                    "max_rows_per_request", "slo_p95_ms", "max_rows_in_flight", "max_admit_rows",
+                    "max_step_tokens")  # fmt: skip
         for key in positive:
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")

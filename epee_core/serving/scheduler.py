@@ -288,4 +288,3 @@ def _longest(group: RowGroup, positions: list[int]) -> int:
 def policy_key(policy: Policy) -> tuple:
     """Requests with equal keys share an engine call (a cohort)."""
     return (policy.name, tuple(sorted(policy.params.items())))
-
