@@ -26,6 +26,7 @@ _EXPORTS = {
     "ARCHIVE_MODEL_DIR": ".serving.service",
     "Answer": ".serving.service",
     "ConfigError": ".engine.spec",
+    "ContinuousBatcher": ".serving.continuous",
     "EarlyExitModel": ".engine.model",
     "EarlyExitService": ".serving.service",
     "ExitResult": ".engine.runner",
@@ -46,6 +47,7 @@ __all__ = [
     "ARCHIVE_MODEL_DIR",
     "Answer",
     "ConfigError",
+    "ContinuousBatcher",
     "EarlyExitModel",
     "EarlyExitService",
     "ExitResult",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
     from .engine.runner import ExitResult, run_bucketed, run_early_exit
     from .engine.spec import ConfigError, ModelSpec
     from .serving.config import ServeConfig
+    from .serving.continuous import ContinuousBatcher
     from .serving.images import ImageService
     from .serving.request_log import debug_input_line, request_line
     from .serving.service import ARCHIVE_MODEL_DIR, Answer, EarlyExitService, TextService, failure_answer

@@ -23,6 +23,7 @@ import epee_core
 from epee_core import (
     ARCHIVE_MODEL_DIR,
     Answer,
+    ContinuousBatcher,
     EarlyExitModel,
     EarlyExitService,
     ServeConfig,
@@ -42,6 +43,7 @@ BATCH_METRIC = "EpeeBatches"
 BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
 BATCH_ID_HEADER = "X-EPEE-Batch-Id"
 GUARANTEE_HEADER = "X-EPEE-Guarantee"  # what `epee calibrate` certified for the configured policy
+SCHEDULER_HEADER = "X-EPEE-Scheduler"  # "continuous" on answers of the layer-level scheduler
 
 
 def reason_phrase(message: str) -> str:
@@ -74,10 +76,17 @@ class EarlyExitHandler(BaseHandler):
         )
         version = (self.manifest or {}).get("model", {}).get("modelVersion")
         self.service = self.service_class(model, config, model_name=context.model_name, model_version=version)
+        continuous = bool(yaml_config.get("continuousBatching", False))
+        self.batcher = ContinuousBatcher(self.service, config.scheduler_limits) if continuous else None
+        self.streaming: set[str] = (
+            set()
+        )  # requests that were sent a continuing chunk (their head is committed)
+        self.first_rows: dict[str, object] = {}  # continuous: each running request's body, for its log line
         self.initialized = True
         spec = self.service.spec
         logger.info(
-            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, quantize %s, %d torch threads, engine %s",
+            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, quantize %s, %d torch threads, scheduler %s, "
+            "engine %s",
             context.model_name,
             spec.task,
             spec.num_layers,
@@ -86,6 +95,7 @@ class EarlyExitHandler(BaseHandler):
             str(model.dtype).removeprefix("torch."),
             config.quantize,
             torch.get_num_threads(),
+            "continuous" if continuous else "batch",
             Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
         )
         if config.log_inputs:
@@ -95,12 +105,96 @@ class EarlyExitHandler(BaseHandler):
     def handle(self, data: list, context) -> list[dict]:
         """base_handler's `handle`, with a last line of defence: TorchServe answers a batch whose handler raised
         with 503 for every request and logs a traceback that may quote input, so nothing is allowed out."""
+        if self.batcher is not None:
+            return self.handle_step(data)
         try:
             return super().handle(data, context)
         except Exception as error:
             logger.error("epee: batch of %d failed outside the service: %s", len(data), type(error).__name__)
             answers = [failure_answer(error, server_fault=True) for _ in data]
             return self.respond(answers, uuid.uuid4().hex[:12])
+
+    # --- continuous batching: one call, one scheduler step ----------------------------------------------------
+
+    def handle_step(self, data: list) -> list:
+        """Admit the new requests of `data`, run one scheduler step, answer what finished and keep the rest."""
+        context = self.context
+        request_ids = [context.get_request_id(index) for index in range(len(data))]
+        try:
+            answers = self.step_answers(data, request_ids)
+        except Exception as error:  # the scheduler's state is unknown: fail what is in flight, start afresh
+            logger.error("epee: step of %d requests failed outside the service: %s", len(data),
+                         type(error).__name__)  # fmt: skip
+            self.batcher = ContinuousBatcher(self.service, self.service.config.scheduler_limits)
+            answers = {index: failure_answer(error, server_fault=True) for index in range(len(data))}
+        return self.respond_step(answers, request_ids)
+
+    def step_answers(self, data: list, request_ids: list[str]) -> dict[int, Answer]:
+        """The answers this step produces, by position in `data`; positions without one keep running."""
+        batcher, live = self.batcher, set(request_ids)
+        for gone in [key for key in batcher.requests if key not in live]:  # TorchServe dropped the client
+            batcher.cancel(gone)
+            self.streaming.discard(gone)
+            self.first_rows.pop(gone, None)
+        answers: dict[int, Answer] = {}
+        started = time.perf_counter()
+        for index, (row, request_id) in enumerate(zip(data, request_ids)):
+            if request_id in batcher.requests:
+                continue
+            self.first_rows[request_id] = row
+            headers = self.context.get_all_request_header(index)
+            answer = batcher.accept(request_id, row, headers, request_id)
+            if answer is not None:
+                answers[index] = answer
+        finished = batcher.step()
+        self.model_ms = (time.perf_counter() - started) * 1000
+        for index, request_id in enumerate(request_ids):
+            if request_id in finished:
+                answers[index] = finished[request_id]
+        return answers
+
+    def respond_step(self, answers: dict[int, Answer], request_ids: list[str]) -> list:
+        """Per request: its answer (the last chunk of a stream, or a whole response), or an empty chunk that
+        keeps it in flight. Status and headers go with a request's first response only: TorchServe commits them
+        with the first chunk.
+
+        Whether a request continues is said through `context.stopping_criteria`, not by setting the
+        `ts_stream_next` header: TorchServe 0.12's worker (`ts/protocol/otf_message_handler.py`,
+        `create_predict_response`) turns a handler's "true" into "false" unless a stopping criterion decides.
+        Per request the criterion answers False (continue), True (the last chunk of a stream) or None (a whole
+        response: no stream header at all)."""
+        context, body = self.context, []
+        guarantee = self.service.config.guarantee_header
+        stop: list[bool | None] = []
+        done = []
+        for index, request_id in enumerate(request_ids):
+            answer = answers.get(index)
+            first = request_id not in self.streaming
+            if first:
+                context.set_response_content_type(index, "application/json")
+                context.set_response_header(index, SCHEDULER_HEADER, "continuous")
+                if guarantee:
+                    context.set_response_header(index, GUARANTEE_HEADER, guarantee)
+            if answer is None:
+                self.streaming.add(request_id)
+                stop.append(False)
+                body.append("")
+                continue
+            if answer.status >= 500:
+                answer.body["request_id"] = request_id
+            if first:
+                stop.append(None)
+                if answer.status != 200:
+                    context.set_response_status(answer.status, reason_phrase(answer.body["error"]), idx=index)
+            else:  # the head went out with status 200; the last chunk carries the answer
+                stop.append(True)
+                self.streaming.discard(request_id)
+            body.append(answer.body)
+            done.append((request_id, self.first_rows.pop(request_id, {}), answer))
+        context.stopping_criteria = [lambda _, decision=decision: decision for decision in stop]
+        self.log_lines(done, "continuous", self.batcher.in_flight if self.batcher else 0)
+        self.record_metrics([answer for _, _, answer in done], count_batch=False)
+        return body
 
     def preprocess(self, data: list) -> list:
         self.rows = data
@@ -142,18 +236,22 @@ class EarlyExitHandler(BaseHandler):
 
     def log_requests(self, answers: list[Answer], batch_id: str) -> None:
         """One line per request: id, size, status, exit layer, failure type, timing; never the content."""
+        request_ids = [self.context.get_request_id(index) for index in range(len(answers))]
+        self.log_lines(list(zip(request_ids, self.rows, answers)), batch_id, len(answers))
+
+    def log_lines(self, done: list[tuple[str, object, Answer]], batch_id: str, batch_size: int) -> None:
+        """`request_line` for each (request id, body row, answer); the body only with `log_inputs`."""
         num_layers = self.service.spec.num_layers
-        for index, (row, answer) in enumerate(zip(self.rows, answers)):
-            request_id = self.context.get_request_id(index)
+        for request_id, row, answer in done:
             if self.service.config.log_inputs:
                 logger.info(debug_input_line(request_id, row))
             logger.info(
-                request_line(request_id, row, answer, batch_id, len(answers), self.model_ms, num_layers)
+                request_line(request_id, row, answer, batch_id, batch_size, self.model_ms, num_layers)
             )
 
-    def record_metrics(self, answers: list[Answer]) -> None:
+    def record_metrics(self, answers: list[Answer], count_batch: bool = True) -> None:
         """Per row answered: a counter per exit layer (and policy), layers run and layers saved; one batch count
-        (its size in requests)."""
+        (its size in requests) unless the layer-level scheduler answered them (`count_batch` False)."""
         metrics, model = self.context.metrics, self.context.model_name
         base = [Dimension("ModelName", model), Dimension("Level", "Model")]
         num_layers = self.service.spec.num_layers
@@ -174,4 +272,7 @@ class EarlyExitHandler(BaseHandler):
                 metrics.add_counter(EXIT_LAYER_METRIC, 1, dimensions=exit_dims)
                 metrics.add_counter(LAYERS_RUN_METRIC, exit_layer, dimensions=list(base))
                 metrics.add_counter(LAYERS_SAVED_METRIC, num_layers - exit_layer, dimensions=list(base))
-        metrics.add_counter(BATCH_METRIC, 1, dimensions=[*base, Dimension("BatchSize", str(len(answers)))])
+        if count_batch:
+            metrics.add_counter(
+                BATCH_METRIC, 1, dimensions=[*base, Dimension("BatchSize", str(len(answers)))]
+            )

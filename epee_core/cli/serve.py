@@ -23,6 +23,12 @@ def add_package(commands) -> None:
         choices=("none", "int8"),
         help="set the archived YAML's 'quantize' (int8: workers quantize at load; default: as the YAML says)",
     )
+    parser.add_argument(
+        "--scheduler",
+        choices=("batch", "continuous"),
+        help="continuous: layer-level scheduling on TorchServe's continuous batching (requests join at the next "
+        "layer and leave at their exit); batch: TorchServe's dynamic batching (default: as the YAML says)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_package)
 
@@ -32,7 +38,7 @@ def run_package(args) -> None:
 
     try:
         summary = package_model(
-            args.model, args.config, args.name, args.version, args.export_path, args.quantize
+            args.model, args.config, args.name, args.version, args.export_path, args.quantize, args.scheduler
         )
     except PackageError as error:
         raise CommandError(str(error)) from None

@@ -85,10 +85,34 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
     return spec, serve_config
 
 
-def _with_quantize(config_path: Path, target: Path, quantize: str) -> Path:
-    """A copy of the model YAML whose `epee:` section says `quantize: <quantize>`."""
+SCHEDULERS = ("batch", "continuous")
+
+
+def scheduler_keys(config: dict, scheduler: str) -> dict:
+    """The TorchServe keys of a model YAML for `scheduler`.
+
+    `continuous` turns on TorchServe's continuous batching, where one handler call is one step of the layer-level
+    scheduler: `batchSize` becomes the requests TorchServe keeps in flight (the `epee:` section's
+    `max_rows_in_flight`, default 64) and `maxBatchDelay` 1 ms, since an idle worker waits that long for company
+    (TorchServe 0.12 replaces an archive's 0 by its default of 100 ms: `ModelManager.java`, "marMaxBatchDelay >
+    0"). `batch` is TorchServe's dynamic batching, with the YAML's own batch size and delay."""
+    config = dict(config)
+    if scheduler == "continuous":
+        limits = ServeConfig.from_section(config.get("epee")).scheduler_limits
+        config.update(continuousBatching=True, batchSize=limits.max_rows_in_flight, maxBatchDelay=1)
+    else:
+        config.pop("continuousBatching", None)
+    return config
+
+
+def _archived_config(config_path: Path, target: Path, quantize: str | None, scheduler: str | None) -> Path:
+    """A copy of the model YAML with `quantize` in its `epee:` section and the TorchServe keys of `scheduler`
+    (either None: as the YAML says)."""
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    config["epee"] = {**config["epee"], "quantize": quantize}
+    if quantize is not None:
+        config["epee"] = {**config["epee"], "quantize": quantize}
+    if scheduler is not None:
+        config = scheduler_keys(config, scheduler)
     target.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return target
 
@@ -109,11 +133,15 @@ def package_model(
     version: str = "1.0",
     export_path: str | Path = "model_store",
     quantize: str | None = None,
+    scheduler: str | None = None,
 ) -> dict:
     """Build `export_path/NAME.mar` (overwriting it); returns a summary with the archive's path and size.
 
     `quantize` ("int8" or "none") overrides the YAML's `quantize` in the archived copy: the worker quantizes at
-    load, so the archive keeps the float32 weights either way."""
+    load, so the archive keeps the float32 weights either way. `scheduler` ("batch" or "continuous", see
+    `scheduler_keys`) overrides how TorchServe batches."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
     model_dir, config_path, export_path = Path(model_dir), Path(config_path), Path(export_path)
     spec, serve_config = check_inputs(model_dir, config_path, name)
     handler_file = HANDLERS_DIR / HANDLER_FOR_TASK[spec.task]
@@ -126,9 +154,10 @@ def package_model(
         _copy_model_dir(model_dir, extra / ARCHIVE_MODEL_DIR)
         _copy_sources(PACKAGE_DIR, extra / "epee_core", WORKER_SOURCES)
         _copy_sources(HANDLERS_DIR, extra / "handlers")
-        if quantize is not None:
-            config_path = _with_quantize(config_path, Path(work) / config_path.name, quantize)
+        if quantize is not None or scheduler is not None:
+            config_path = _archived_config(config_path, Path(work) / config_path.name, quantize, scheduler)
             serve_config = ServeConfig.load(config_path)
+        continuous = bool(yaml.safe_load(config_path.read_text(encoding="utf-8")).get("continuousBatching"))
         command = archiver_command() + [
             "--model-name", name,
             "--version", version,
@@ -153,6 +182,7 @@ def package_model(
         "handler": handler_file.name,
         "policy": serve_config.policy.describe(),
         "quantize": serve_config.quantize,
+        "scheduler": "continuous" if continuous else "batch",
         "size_mb": round(archive.stat().st_size / 1e6, 2),
         "seconds": round(time.perf_counter() - started, 1),
     }
