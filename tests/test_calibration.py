@@ -32,15 +32,9 @@ from epee_core.calibration.pipeline import fresh_cache
 from epee_core.calibration.sweep import single_thread
 from epee_core.cli import main
 from epee_core.data.text import read_examples
-from epee_core.engine.policies import (
-    POLICY_NAMES,
-    SIMILARITIES,
-    divergence,
-    layer_probs,
-    make_policy,
-    normalised_entropy,
-)
+from epee_core.engine.policies import POLICY_NAMES, make_policy
 from epee_core.engine.runner import run_early_exit
+from epee_core.engine.signals import SIMILARITIES, divergence, layer_probs, normalised_entropy
 from epee_core.engine.spec import ConfigError
 from epee_core.evaluation.evaluate import prepare_batches
 from epee_core.serving.config import ServeConfig

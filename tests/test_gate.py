@@ -16,10 +16,11 @@ from epee_core.calibration.replay import replay_policy
 from epee_core.calibration.search import search_space
 from epee_core.calibration.sweep import CalibrationOptions, calibrate
 from epee_core.cli import main
-from epee_core.engine.gate import GATE_FEATURES, GATE_FILE, ExitGate, all_layer_features, gate_features
+from epee_core.engine.gate import GATE_FILE, ExitGate, all_layer_features
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.policies import PolicyError, init_state, make_policy, policy_step
 from epee_core.engine.runner import run_bucketed, run_early_exit
+from epee_core.engine.signals import GATE_FEATURES, gate_features
 from epee_core.engine.spec import ConfigError
 from epee_core.evaluation.evaluate import prepare_batches
 from epee_core.serving.config import ServeConfig

@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from epee_core.engine.policies import (
-    PolicyError,
-    divergence,
-    init_state,
-    make_policy,
-    normalised_entropy,
-    policy_step,
-)
+from epee_core.engine.policies import PolicyError, init_state, make_policy, policy_step
+from epee_core.engine.signals import divergence, normalised_entropy
 
 
 def replay(policy, layer_probs: list[list[list[float]]], labels=None, multi_label=False):
