@@ -4,8 +4,11 @@ A policy never keeps hidden state: everything it remembers between layers lives 
 per-row tensors that the runner compacts together with the hidden states. The same `policy_step` therefore serves
 the live runner (rows leave the batch as they exit) and offline replay over cached logits (calibration).
 
-Every policy is one small rule function plus one entry in `POLICIES` (its parameters, which exits it reads,
-whether it can be served): adding a policy touches this file only.
+Every policy is one small rule function plus one entry in `POLICIES`: its parameters, which exits it reads,
+whether it can be served, its calibration grid, whether a certified calibration tries it by default, whether it
+needs the learned gate, and its plot style. The runner, the serving configuration, calibration's search and plot,
+and the tests iterate the registry, so adding a policy touches this file only (plus its row in the table of
+docs/design.md, "Policies"). The signals a rule reads live in `signals.py`.
 """
 
 from __future__ import annotations
