@@ -1,13 +1,14 @@
 """EPEE Serve: early-exit serving of biomedical transformers.
 
-Layers, each importing only the ones above it in this list (docs/design.md, "Layers"):
+Layers, each importing only the ones above it in this list (docs/design.md, "Layers"; tests/test_layers.py
+checks every import):
 
-- `engine`: backbone adapters, exit heads, policies, the layer-wise runner, the model directory.
+- `engine`: backbone adapters, exit heads, exit signals, policies, the layer-wise runner, the model directory.
+- `serving`: request decoding and validation, batched engine calls, answers, the `epee:` serving configuration.
 - `data`: labelled data sets (JSON Lines, MedMNIST `.npz`, image folders) and the embedded demo set.
 - `evaluation`: task metrics and policies measured on labelled data.
 - `training`: `epee train`.
 - `calibration`: choosing a policy's thresholds from cached exit logits (`epee calibrate`).
-- `serving`: request decoding and validation, batched engine calls, answers, the `epee:` serving configuration.
 - `ops`: `.mar` packaging, the TorchServe launcher and management client, the demo.
 - `measure`: benchmarks, reports, Locust load tests, soaks.
 - `cli`: the `epee` command.

@@ -18,8 +18,10 @@ from transformers import (
 )
 
 from epee_core.engine.backbones import adapter_for
+from epee_core.engine.gate import ExitGate
 from epee_core.engine.inputs import default_image_processor
 from epee_core.engine.model import EarlyExitModel
+from epee_core.engine.signals import GATE_FEATURES
 from epee_core.engine.spec import ModelSpec
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "epee_core" / "data"
@@ -138,6 +140,14 @@ def build_tiny_model(
             head.dense.weight.mul_(head_scale)
             head.classifier.weight.mul_(head_scale)
     return model.eval()
+
+
+def mixed_gate() -> ExitGate:
+    """A learned exit gate over confidence, depth, stability and length that gives the tiny models mixed exit
+    layers."""
+    features = len(GATE_FEATURES)
+    weights = torch.tensor([3.0, 1.0, -1.0, 8.0, 2.0, 0.0, 4.0])
+    return ExitGate.from_params(torch.full((features,), 0.1), torch.full((features,), 1.2), weights, -6.0)
 
 
 def random_batch(

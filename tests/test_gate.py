@@ -1,5 +1,5 @@
-"""The learned exit gate: features, the `gate` rule, save/load, the runner invariant, replay, training, calibration
-and serving checks."""
+"""The learned exit gate: features, the `gate` rule, save/load, replay, training, calibration and serving checks
+(the runner invariant covers `gate` with every other policy: tests/test_runner.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ import random
 
 import pytest
 import torch
-from helpers import DEMO_DATA, LABELS, build_tiny_model, random_batch, single_row
+from helpers import DEMO_DATA, LABELS, build_tiny_model, mixed_gate, random_batch
 
 from epee_core.calibration.cache import LogitCache, build_cache
 from epee_core.calibration.replay import replay_policy
 from epee_core.calibration.search import search_space
 from epee_core.calibration.sweep import CalibrationOptions, calibrate
 from epee_core.cli import main
-from epee_core.engine.gate import GATE_FEATURES, GATE_FILE, ExitGate, all_layer_features, gate_features
+from epee_core.engine.gate import GATE_FILE, ExitGate, all_layer_features
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.policies import PolicyError, init_state, make_policy, policy_step
-from epee_core.engine.runner import run_bucketed, run_early_exit
+from epee_core.engine.runner import run_early_exit
+from epee_core.engine.signals import GATE_FEATURES, gate_features
 from epee_core.engine.spec import ConfigError
 from epee_core.evaluation.evaluate import prepare_batches
 from epee_core.serving.config import ServeConfig
@@ -33,12 +34,6 @@ def confidence_gate(weight: float = 8.0, bias: float = -6.0) -> ExitGate:
     weights = torch.zeros(F)
     weights[0] = weight
     return ExitGate.from_params(torch.zeros(F), torch.ones(F), weights, bias)
-
-
-def mixed_gate() -> ExitGate:
-    """A gate over confidence, depth, stability and length that gives the tiny models mixed exit layers."""
-    weights = torch.tensor([3.0, 1.0, -1.0, 8.0, 2.0, 0.0, 4.0])
-    return ExitGate.from_params(torch.full((F,), 0.1), torch.full((F,), 1.2), weights, -6.0)
 
 
 # --- features --------------------------------------------------------------------------------------------------
@@ -134,7 +129,7 @@ def test_gate_round_trips_through_the_model_directory(tokenizer, tmp_path):
         EarlyExitModel.from_pretrained(tmp_path)
 
 
-# --- runner invariant and replay -------------------------------------------------------------------------------
+# --- replay (the runner invariant over every policy: tests/test_runner.py) ----------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -145,23 +140,6 @@ def gated_models(tokenizer):
         model.exit_gate = mixed_gate()
         models[task] = model
     return models
-
-
-@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
-def test_gate_batched_and_bucketed_runs_equal_each_row_alone(gated_models, task):
-    model = gated_models[task]
-    policy = make_policy("gate", {"gate_threshold": 0.7})
-    batch = random_batch(16, len(model.tokenizer), max_len=40, seed=3)
-    for batched in (
-        run_early_exit(model, batch, policy),
-        run_bucketed(model, batch, policy, overhead_tokens=4),
-    ):
-        for row in range(16):
-            alone = run_early_exit(model, single_row(batch, row), policy)
-            assert batched.exit_layer[row] == alone.exit_layer[0], f"row {row}"
-            torch.testing.assert_close(batched.probs[row], alone.probs[0], atol=1e-5, rtol=1e-4)
-    layers = run_early_exit(model, batch, policy).exit_layer
-    assert len(set(layers.tolist())) > 1, "the test gate should give mixed exit layers"
 
 
 @pytest.mark.parametrize("task", ["text-classification", "multi-label"])

@@ -1,4 +1,4 @@
-"""Each policy's rule against hand-computed examples (docs/design.md, "Policies")."""
+"""Each policy's rule against hand-computed examples, and the registry's grids (docs/design.md, "Policies")."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from epee_core.engine.policies import (
+    POLICIES,
+    POLICY_NAMES,
     PolicyError,
-    divergence,
     init_state,
     make_policy,
-    normalised_entropy,
     policy_step,
 )
+from epee_core.engine.signals import divergence, normalised_entropy
 
 
 def replay(policy, layer_probs: list[list[list[float]]], labels=None, multi_label=False):
@@ -197,3 +198,26 @@ def test_non_strict_ignores_parameters_of_other_policies():
 def test_static_layer_beyond_the_model_is_refused():
     with pytest.raises(PolicyError, match="'layer' is 9 but the model has 4 layers"):
         make_policy("static", {"layer": 9}).check_layers(4)
+
+
+# --- the registry ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_calibration_grid_setting_is_a_valid_policy(name):
+    for params in POLICIES[name].grid_settings(num_layers=12):
+        assert make_policy(name, params).params.items() >= params.items()
+
+
+def test_grid_settings_cross_the_parameters_in_order_with_below_depth_up_to_l_minus_1():
+    settings = POLICIES["fpabee"].grid_settings(num_layers=3)
+    assert settings[:3] == [
+        {"similarity": "kl", "similarity_threshold": 1e-4, "patience": 1},
+        {"similarity": "kl", "similarity_threshold": 1e-4, "patience": 2},
+        {"similarity": "kl", "similarity_threshold": 3e-4, "patience": 1},
+    ]
+    assert len(settings) == 3 * 8 * 2
+
+
+def test_a_policy_without_a_grid_is_not_searched():
+    assert POLICIES["full"].grid_settings(num_layers=12) == []

@@ -1,34 +1,62 @@
-"""The runner's invariant (docs/design.md, "Runner"): batching and compaction never change a sample's result, and they save work."""
+"""The runner's invariant (docs/design.md, "Runner"): batching and compaction never change a sample's result, and
+they save work. The invariant runs over every policy of the registry on every backbone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build_tiny_model, random_batch, single_row, tiny_bert_config, tiny_spec
+from helpers import (
+    build_tiny_model,
+    mixed_gate,
+    random_batch,
+    random_pixels,
+    single_row,
+    tiny_bert_config,
+    tiny_spec,
+)
 from transformers import BertForSequenceClassification
 
 from epee_core.engine.backbones import adapter_for
 from epee_core.engine.model import EarlyExitModel
-from epee_core.engine.policies import first_exit_read, make_policy
+from epee_core.engine.policies import POLICIES, POLICY_NAMES, Policy, first_exit_read, make_policy
 from epee_core.engine.runner import length_buckets, run_bucketed, run_early_exit
 
-POLICIES = [
-    ("full", {}),
-    ("static", {"layer": 2}),
-    ("max_prob", {"threshold": 0.9}),
-    ("entropy", {"entropy_threshold": 0.2}),
-    ("patience", {"patience": 1}),
-    ("epee", {"entropy_threshold": 0.3, "patience": 2, "fast_ratio": 0.25}),
-    ("epee", {"entropy_threshold": 0.4, "patience": 1, "ensemble": "window_mean"}),
-    ("fpabee", {"similarity": "jsd", "similarity_threshold": 0.2, "patience": 1}),
-    ("fpabee", {"similarity": "kl", "similarity_threshold": 0.5, "patience": 1}),
-    ("oracle", {}),
-]
+# Backbone and task of each tiny model: every backbone, and BERT once more with multi-label exits.
+MODELS = {
+    "bert": ("bert", "text-classification"),
+    "bert-multi-label": ("bert", "multi-label"),
+    "albert": ("albert", "text-classification"),
+    "gpt2": ("gpt2", "text-classification"),
+    "vit": ("vit", "image-classification"),
+}
+# `full` and `static` send every row out at one layer by design; every other policy must give mixed exit layers.
+VARYING_POLICIES = [name for name, rule in POLICIES.items() if rule.reads not in ("last", "layer")]
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tokenizer) -> dict[str, EarlyExitModel]:
-    return {task: build_tiny_model(tokenizer, task=task) for task in ("text-classification", "multi-label")}
+    """One tiny model per entry of MODELS, each with a learned exit gate so that the `gate` policy runs too."""
+    models = {}
+    for name, (kind, task) in MODELS.items():
+        model = build_tiny_model(tokenizer, task=task, kind=kind)
+        model.exit_gate = mixed_gate()
+        models[name] = model
+    return models
+
+
+def make_batch(
+    model: EarlyExitModel, batch_size: int, seed: int, max_len: int = 12
+) -> dict[str, torch.Tensor]:
+    """Mixed-length right-padded tokens for text backbones, random images for ViT."""
+    if model.backbone.modality == "image":
+        return random_pixels(batch_size, seed=seed)
+    return random_batch(batch_size, len(model.tokenizer), max_len=max_len, seed=seed)
+
+
+def row_alone(model: EarlyExitModel, batch: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    if model.backbone.modality == "image":
+        return {"pixel_values": batch["pixel_values"][row : row + 1]}
+    return single_row(batch, row)
 
 
 def random_labels(model: EarlyExitModel, batch_size: int) -> torch.Tensor:
@@ -38,22 +66,47 @@ def random_labels(model: EarlyExitModel, batch_size: int) -> torch.Tensor:
     return torch.randint(0, len(model.spec.labels), (batch_size,), generator=generator)
 
 
-@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
-@pytest.mark.parametrize("batch_size", [2, 16])
-@pytest.mark.parametrize(("name", "params"), POLICIES)
+def distinct_exit_layers(model: EarlyExitModel, policy: Policy) -> int:
+    batch, labels = make_batch(model, 16, seed=16, max_len=40), random_labels(model, 16)
+    return len(set(run_early_exit(model, batch, policy, labels).exit_layer.tolist()))
+
+
+@pytest.fixture(scope="module")
+def varied_setting(tiny_models):
+    """(model, policy name) → the policy's calibration-grid setting whose exit layers vary most on a fixed batch
+    (its defaults when it has no grid): an invariant means something only when rows leave at different layers."""
+    chosen: dict[tuple[str, str], Policy] = {}
+
+    def setting(model_name: str, policy_name: str) -> Policy:
+        if (model_name, policy_name) not in chosen:
+            model = tiny_models[model_name]
+            grid = POLICIES[policy_name].grid_settings(model.num_layers)
+            candidates = [make_policy(policy_name, params) for params in grid] or [make_policy(policy_name)]
+            with torch.inference_mode():
+                best = max(candidates, key=lambda policy: distinct_exit_layers(model, policy))
+            chosen[model_name, policy_name] = best
+        return chosen[model_name, policy_name]
+
+    return setting
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("policy_name", POLICY_NAMES)
+@pytest.mark.parametrize("batch_size", [3, 16])
 @pytest.mark.parametrize("bucketed", [False, True], ids=["one-batch", "bucketed"])
-def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, name, params, bucketed):
-    model = tiny_models[task]
-    policy = make_policy(name, params)
-    batch = random_batch(batch_size, len(model.tokenizer), max_len=40 if bucketed else 12, seed=batch_size)
-    labels = random_labels(model, batch_size)
-    if bucketed:  # tiny sub-batch overhead, so even a batch of 2 splits by length
+def test_batched_run_equals_each_row_alone(
+    tiny_models, varied_setting, model_name, policy_name, batch_size, bucketed
+):
+    model, policy = tiny_models[model_name], varied_setting(model_name, policy_name)
+    batch = make_batch(model, batch_size, seed=batch_size, max_len=40 if bucketed else 12)
+    labels = random_labels(model, batch_size)  # `oracle` reads them, the others ignore them
+    if bucketed:  # tiny sub-batch overhead, so even a small batch splits by length
         batched = run_bucketed(model, batch, policy, labels, overhead_tokens=4)
     else:
         batched = run_early_exit(model, batch, policy, labels)
     for row in range(batch_size):
-        alone = run_early_exit(model, single_row(batch, row), policy, labels[row : row + 1])
-        assert batched.exit_layer[row] == alone.exit_layer[0], f"row {row}"
+        alone = run_early_exit(model, row_alone(model, batch, row), policy, labels[row : row + 1])
+        assert batched.exit_layer[row] == alone.exit_layer[0], f"{policy.describe()}, row {row}"
         assert torch.equal(
             batched.predictions(model.multi_label)[row], alone.predictions(model.multi_label)[0]
         )
@@ -61,11 +114,21 @@ def test_batched_run_equals_each_sample_alone(tiny_models, task, batch_size, nam
         torch.testing.assert_close(batched.logits[row], alone.logits[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("task", ["text-classification", "multi-label"])
-@pytest.mark.parametrize(("name", "params"), POLICIES)
-def test_bucketed_and_single_batch_runs_agree_and_count_their_work(tiny_models, task, name, params):
-    model = tiny_models[task]
-    policy = make_policy(name, params)
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("policy_name", VARYING_POLICIES)
+def test_policies_give_mixed_exit_layers_on_the_test_models(
+    tiny_models, varied_setting, model_name, policy_name
+):
+    """Guards the invariant test above: it only means something if rows leave at different layers."""
+    assert distinct_exit_layers(tiny_models[model_name], varied_setting(model_name, policy_name)) >= 2
+
+
+@pytest.mark.parametrize("model_name", ["bert", "bert-multi-label"])
+@pytest.mark.parametrize("policy_name", POLICY_NAMES)
+def test_bucketed_and_single_batch_runs_agree_and_count_their_work(
+    tiny_models, varied_setting, model_name, policy_name
+):
+    model, policy = tiny_models[model_name], varied_setting(model_name, policy_name)
     batch = random_batch(16, len(model.tokenizer), seed=7)
     labels = random_labels(model, 16)
     single = run_early_exit(model, batch, policy, labels)
@@ -80,13 +143,13 @@ def test_bucketed_and_single_batch_runs_agree_and_count_their_work(tiny_models, 
     assert all(tokens >= rows for tokens, rows in zip(bucketed.tokens_per_layer, expected_rows))
 
 
-@pytest.mark.parametrize(("name", "params"), [p for p in POLICIES if p[0] not in ("full", "static")])
-def test_policies_give_mixed_exit_layers_on_the_test_models(tokenizer, name, params):
-    """Guards the invariant test above: it only means something if rows leave at different layers."""
-    model = build_tiny_model(tokenizer)
-    batch = random_batch(16, len(tokenizer), seed=16)
-    result = run_early_exit(model, batch, make_policy(name, params), random_labels(model, 16))
-    assert len(set(result.exit_layer.tolist())) >= 2
+@pytest.mark.parametrize("model_name", MODELS)
+def test_stock_forward_gives_the_full_policys_logits(tiny_models, model_name):
+    """The `hf` benchmark baseline (the plain Hugging Face forward over the padded batch) answers as `full` does."""
+    model = tiny_models[model_name]
+    batch = make_batch(model, 6, seed=4, max_len=30)
+    full = run_bucketed(model, batch, make_policy("full"))
+    torch.testing.assert_close(model.stock_logits(batch), full.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_full_reproduces_bert_for_sequence_classification(tokenizer):
@@ -184,9 +247,9 @@ def test_stateless_rules_skip_exit_heads_before_min_layer(tokenizer):
     assert min(calls) == 2
 
 
-def test_counting_rules_read_every_exit_even_with_min_layer():
-    for name in ("patience", "epee", "fpabee"):
-        assert first_exit_read(make_policy(name, {"min_layer": 3}), 4) == 1
+@pytest.mark.parametrize("policy_name", [name for name, rule in POLICIES.items() if rule.reads == "every"])
+def test_counting_rules_read_every_exit_even_with_min_layer(policy_name):
+    assert first_exit_read(make_policy(policy_name, {"min_layer": 3}), 4) == 1
 
 
 def test_static_below_min_layer_reads_only_the_last_exit():

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from tqdm.auto import tqdm
 
 from ..engine.model import SPEC_FILE, EarlyExitModel
-from ..engine.policies import layer_probs, predictions
+from ..engine.signals import layer_probs, predictions
 from ..engine.spec import ConfigError
 
 CACHE_FORMAT = "epee-calibration-cache/1"

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.policies import POLICIES
 from .search import Setting
-
-POLICY_COLOURS = {
-    "static": "tab:gray",
-    "max_prob": "tab:pink",
-    "entropy": "tab:blue",
-    "patience": "tab:green",
-    "epee": "tab:orange",
-    "fpabee": "tab:purple",
-}
 
 
 def plot_frontier(
@@ -34,7 +26,7 @@ def plot_frontier(
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(10, 5.5), dpi=120)
-    for name, colour in POLICY_COLOURS.items():
+    for name, rule in POLICIES.items():
         points = [s.calibration for s in settings if s.policy.name == name]
         if points:
             axes.scatter(
@@ -42,7 +34,8 @@ def plot_frontier(
                 [p.metric for p in points],
                 s=16,
                 alpha=0.6,
-                color=colour,
+                color=rule.style.colour,
+                marker=rule.style.marker,
                 zorder=3,
                 label=f"{name} ({len(points)})",
             )
@@ -66,15 +59,14 @@ def plot_frontier(
             linewidth=1,
             label=f"budget (full − {max_drop})",
         )
-    references = ((full, "full", "s", "tab:red"), (oracle, "oracle", "D", "tab:cyan"))
-    for setting, name, marker, colour in references:
-        point = setting.calibration
+    for setting in (full, oracle):
+        point, name = setting.calibration, setting.policy.name
         axes.scatter(
             point.avg_exit_layer,
             point.metric,
-            marker=marker,
+            marker=POLICIES[name].style.marker,
             s=70,
-            color=colour,
+            color=POLICIES[name].style.colour,
             edgecolor="black",
             zorder=5,
             label=f"{name} ({point.metric:.3f} @ {point.avg_exit_layer:.2f})",

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..engine.policies import Policy, PolicyError, init_state, policy_step, predictions, require_gate
+from ..engine.policies import Policy, PolicyError, init_state, policy_step, require_gate
+from ..engine.signals import predictions
 
 
 class ReplayResult(NamedTuple):

@@ -10,74 +10,29 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ..engine.policies import ENSEMBLES, SIMILARITIES, Policy, make_policy
+from ..engine.policies import POLICIES, Policy, make_policy
 from ..engine.spec import ModelSpec
 from ..evaluation.metrics import task_f1, task_metrics
 from .replay import ReplayResult, replay_policy
 from .timing import LayerTimes
 
-ENTROPY_THRESHOLDS = (
-    0.005,
-    0.01,
-    0.02,
-    0.03,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.25,
-    0.3,
-    0.4,
-    0.5,
-    0.6,
-    0.7,
-    0.8,
-)
-EPEE_THRESHOLDS = (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-FAST_RATIOS = (0.0, 0.25, 0.5)
-MAX_PROB_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
-SIMILARITY_THRESHOLDS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3)
-# A class-balanced gate (the default) spreads its useful settings over 0.4-0.95 (ADE); an unbalanced one crowds
-# them into 0.95-0.995 (use `--class-weight balanced`, the default).
-GATE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 # A tie within this tolerance counts as meeting the budget (metrics are ratios of small integers).
 _TOLERANCE = 1e-9
 
-
-SEARCHABLE_POLICIES = ("static", "max_prob", "entropy", "patience", "epee", "fpabee", "gate")
-# The families a certified search tries unless told otherwise: the confidence- and patience-driven rules. A
-# fixed-sequence test stops at its first failure, and `static` / `fpabee` settings that lost nothing on the
-# ordering rows tended to lead the sequence and fail on the test rows (docs/calibration.md).
-# `gate` (the learned exit gate) is searched only when the model directory has one.
-CERTIFIED_POLICIES = ("max_prob", "entropy", "patience", "epee", "gate")
+# The families with a calibration grid, and those a certified search tries unless `--policies` says otherwise.
+SEARCHABLE_POLICIES = tuple(name for name, rule in POLICIES.items() if rule.grid)
+CERTIFIED_POLICIES = tuple(name for name in SEARCHABLE_POLICIES if POLICIES[name].certify_by_default)
 
 
 def search_space(num_layers: int, gate: bool = False) -> list[Policy]:
-    """Every setting the sweep tries, in a fixed order (earlier wins exact ties): `static` k, `max_prob`,
-    `entropy`, `patience` 1..L-1, `epee` τ × patience × fast_ratio × ensemble, `fpabee` similarity × δ × patience,
-    and with `gate` (the model has a learned gate) the gate's thresholds."""
-    patiences = range(1, num_layers)
-    settings: list[tuple[str, dict[str, Any]]] = [("static", {"layer": k}) for k in range(1, num_layers)]
-    settings += [("max_prob", {"threshold": t}) for t in MAX_PROB_THRESHOLDS]
-    settings += [("entropy", {"entropy_threshold": t}) for t in ENTROPY_THRESHOLDS]
-    settings += [("patience", {"patience": t}) for t in patiences]
-    settings += [
-        ("epee", {"entropy_threshold": tau, "patience": t, "fast_ratio": r, "ensemble": ensemble})
-        for tau in EPEE_THRESHOLDS
-        for t in patiences
-        for r in FAST_RATIOS
-        for ensemble in ENSEMBLES
+    """Every setting the sweep tries: each registry policy's grid, in registry order (earlier wins exact ties);
+    the policies that read a learned exit gate only with `gate` (the model has one)."""
+    return [
+        make_policy(name, params)
+        for name, rule in POLICIES.items()
+        if gate or not rule.needs_gate
+        for params in rule.grid_settings(num_layers)
     ]
-    settings += [
-        ("fpabee", {"similarity": similarity, "similarity_threshold": delta, "patience": t})
-        for similarity in SIMILARITIES
-        for delta in SIMILARITY_THRESHOLDS
-        for t in patiences
-    ]
-    if gate:
-        settings += [("gate", {"gate_threshold": t}) for t in GATE_THRESHOLDS]
-    return [make_policy(name, params) for name, params in settings]
 
 
 @dataclass

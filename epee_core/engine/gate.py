@@ -1,77 +1,24 @@
 """The learned exit gate: a logistic regression over per-layer signals that estimates the probability that this
 layer's prediction equals full depth's. The `gate` policy exits once that probability reaches `gate_threshold`.
 
-Features per row at layer i (all in [0, 1]; `GATE_FEATURES` names them in order):
-  confidence   max p (multi-label: min over labels of max(p, 1 − p))
-  margin       top1 − top2 (multi-label: min over labels of |2p − 1|)
-  entropy      normalised entropy H_i
-  depth        i / L
-  stable       consecutive earlier layers with the same prediction, / L
-  jsd          Jensen–Shannon divergence from layer i − 1 (0 at layer 1)
-  length       log1p(tokens) / log1p(512)
+Its features per row (`GATE_FEATURES`) are computed by `signals.gate_features`, which the `gate` rule of
+`policies.py` calls too.
 
 The gate is saved as `gate.safetensors` in the model directory (`epee train-gate` writes it).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .policies import divergence, layer_probs, normalised_entropy, predictions
+from .signals import GATE_FEATURES, gate_features, layer_probs, same_prediction, stable_count
 from .spec import ConfigError
 
 GATE_FILE = "gate.safetensors"
-GATE_FEATURES = ("confidence", "margin", "entropy", "depth", "stable", "jsd", "length")
-_LENGTH_SCALE = math.log1p(512.0)
-
-
-def same_prediction(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    equal = predictions(a, multi_label) == predictions(b, multi_label)
-    return equal.all(-1) if multi_label else equal
-
-
-def stable_count(
-    probs: torch.Tensor, prev_probs: torch.Tensor, counter: torch.Tensor, layer: int, multi_label: bool
-) -> torch.Tensor:
-    """How many consecutive earlier layers gave the same prediction as this one (0 at layer 1)."""
-    unchanged = same_prediction(probs, prev_probs, multi_label) & (layer > 1)
-    return torch.where(unchanged, counter + 1, torch.zeros_like(counter))
-
-
-def gate_features(
-    probs: torch.Tensor,
-    prev_probs: torch.Tensor,
-    stable: torch.Tensor,
-    layer: int,
-    num_layers: int,
-    length: torch.Tensor,
-    multi_label: bool,
-) -> torch.Tensor:
-    """The gate's features [B, F] at one layer (1-based) from this layer's and the previous layer's
-    probabilities [B, C], the stable counter [B] (`stable_count`, already updated for this layer) and the row
-    lengths in tokens [B]."""
-    probs = probs.float()
-    if multi_label:
-        confidence = torch.maximum(probs, 1 - probs).amin(-1)
-        margin = (2 * probs - 1).abs().amin(-1)
-    else:
-        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-        confidence = top[:, 0]
-        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
-    entropy = normalised_entropy(probs, multi_label)
-    depth = torch.full_like(confidence, layer / num_layers)
-    if layer > 1:
-        jsd = divergence(prev_probs.float(), probs, "jsd", multi_label)
-    else:
-        jsd = torch.zeros_like(confidence)
-    stable_fraction = stable.to(confidence.dtype) / num_layers
-    length_feature = torch.log1p(length.to(confidence.dtype)) / _LENGTH_SCALE
-    return torch.stack((confidence, margin, entropy, depth, stable_fraction, jsd, length_feature), dim=-1)
 
 
 def all_layer_features(

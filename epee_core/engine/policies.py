@@ -4,22 +4,36 @@ A policy never keeps hidden state: everything it remembers between layers lives 
 per-row tensors that the runner compacts together with the hidden states. The same `policy_step` therefore serves
 the live runner (rows leave the batch as they exit) and offline replay over cached logits (calibration).
 
-Every policy is one small rule function plus one entry in `POLICIES` (its parameters, which exits it reads,
-whether it can be served): adding a policy touches this file only.
+Every policy is one small rule function plus one entry in `POLICIES`: its parameters, which exits it reads,
+whether it can be served, its calibration grid, whether a certified calibration tries it by default, whether it
+needs the learned gate, and its plot style. The runner, the serving configuration, calibration's search and plot,
+and the tests iterate the registry, so adding a policy touches this file only (plus its row in the table of
+docs/design.md, "Policies"). The signals a rule reads live in `signals.py`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-SIMILARITIES = ("kl", "reverse_kl", "jsd")
+from .signals import (
+    SIMILARITIES,
+    confidence,
+    count_run,
+    divergence,
+    gate_features,
+    layer_probs,
+    normalised_entropy,
+    predictions,
+    stable_count,
+)
+
 ENSEMBLES = ("last", "window_mean")
-_EPS = 1e-12
 MAX_INTEGER_PARAM = 10_000  # layers and patience: far above any model's depth
 
 
@@ -170,60 +184,6 @@ class StepOutput(NamedTuple):
     entropy: torch.Tensor  # [B]: normalised entropy H_i of this layer
 
 
-def layer_probs(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """p_i: softmax over classes, or an independent sigmoid per label."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
-
-
-def _as_distributions(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """View probabilities as categorical distributions over the last dim: multi-label → [B, C, 2] Bernoullis."""
-    return torch.stack((probs, 1.0 - probs), dim=-1) if multi_label else probs
-
-
-def normalised_entropy(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """H_i in [0, 1]: entropy / log C (single-label) or mean binary entropy / log 2 (multi-label)."""
-    dist = _as_distributions(probs, multi_label)
-    entropy = -(dist * torch.log(dist.clamp_min(_EPS))).sum(-1)
-    if multi_label:
-        return entropy.mean(-1) / math.log(2.0)
-    return entropy / math.log(probs.shape[-1]) if probs.shape[-1] > 1 else torch.zeros_like(entropy)
-
-
-def divergence(p: torch.Tensor, q: torch.Tensor, similarity: str, multi_label: bool) -> torch.Tensor:
-    """D(p, q) per row: KL(p‖q), KL(q‖p) or Jensen–Shannon (natural log); multi-label: mean over labels."""
-    p, q = _as_distributions(p, multi_label), _as_distributions(q, multi_label)
-
-    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a * (torch.log(a.clamp_min(_EPS)) - torch.log(b.clamp_min(_EPS)))).sum(-1)
-
-    if similarity == "kl":
-        value = kl(p, q)
-    elif similarity == "reverse_kl":
-        value = kl(q, p)
-    elif similarity == "jsd":
-        mid = 0.5 * (p + q)
-        value = 0.5 * kl(p, mid) + 0.5 * kl(q, mid)
-    else:
-        raise PolicyError(f"unknown similarity '{similarity}': expected one of {', '.join(SIMILARITIES)}")
-    return value.mean(-1) if multi_label else value
-
-
-def predictions(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Class index per row, or the label set {p >= 0.5} as a bool [B, C] mask."""
-    return probs >= 0.5 if multi_label else probs.argmax(-1)
-
-
-def _same_prediction(a: torch.Tensor, b: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    equal = predictions(a, multi_label) == predictions(b, multi_label)
-    return equal.all(-1) if multi_label else equal
-
-
-def _count(condition: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
-    """counter + 1 where the condition holds, else 0."""
-    return torch.where(condition, counter + 1, torch.zeros_like(counter))
-
-
 class Signals(NamedTuple):
     """What a rule sees at one layer for the rows still running."""
 
@@ -260,9 +220,8 @@ def _static(params: dict, s: Signals) -> Decision:
 
 def _max_prob(params: dict, s: Signals) -> Decision:
     """max_prob: the top probability reaches `threshold`; multi-label: every label's decision is that confident."""
-    probs = s.probs
-    confidence = torch.maximum(probs, 1 - probs).amin(-1) if s.multi_label else probs.amax(-1)
-    return Decision(confidence >= params["threshold"], s.state._replace(prev_probs=probs), probs)
+    fire = confidence(s.probs, s.multi_label) >= params["threshold"]
+    return Decision(fire, s.state._replace(prev_probs=s.probs), s.probs)
 
 
 def _entropy(params: dict, s: Signals) -> Decision:
@@ -272,8 +231,7 @@ def _entropy(params: dict, s: Signals) -> Decision:
 
 def _patience(params: dict, s: Signals) -> Decision:
     """patience (PABEE): the prediction stayed the same for `patience` consecutive layers."""
-    unchanged = _same_prediction(s.probs, s.state.prev_probs, s.multi_label) & (s.layer > 1)
-    counter = _count(unchanged, s.state.counter)
+    counter = stable_count(s.probs, s.state.prev_probs, s.state.counter, s.layer, s.multi_label)
     return Decision(
         counter >= params["patience"], s.state._replace(counter=counter, prev_probs=s.probs), s.probs
     )
@@ -284,7 +242,7 @@ def _epee(params: dict, s: Signals) -> Decision:
     `window_mean` returns the mean distribution over the confident run."""
     tau, probs = params["entropy_threshold"], s.probs
     confident = s.entropy < tau
-    counter = _count(confident, s.state.counter)
+    counter = count_run(confident, s.state.counter)
     run_probs_sum = torch.where(
         confident.unsqueeze(-1), s.state.run_probs_sum + probs, torch.zeros_like(probs)
     )
@@ -301,7 +259,7 @@ def _epee(params: dict, s: Signals) -> Decision:
 def _fpabee(params: dict, s: Signals) -> Decision:
     """F-PABEE: consecutive layers' distributions stay within `similarity_threshold` for `patience` layers."""
     distance = divergence(s.state.prev_probs, s.probs, params["similarity"], s.multi_label)
-    counter = _count((distance < params["similarity_threshold"]) & (s.layer > 1), s.state.counter)
+    counter = count_run((distance < params["similarity_threshold"]) & (s.layer > 1), s.state.counter)
     return Decision(
         counter >= params["patience"], s.state._replace(counter=counter, prev_probs=s.probs), s.probs
     )
@@ -317,10 +275,10 @@ def _oracle(params: dict, s: Signals) -> Decision:
 
 
 def require_gate(policy: Policy, gate: Any) -> None:
-    """A `gate` policy needs the model's learned gate: name the missing file otherwise."""
-    if policy.name == "gate" and gate is None:
+    """A policy that reads the model's learned gate (`needs_gate`) needs one: name the missing file otherwise."""
+    if POLICIES[policy.name].needs_gate and gate is None:
         raise PolicyError(
-            "policy 'gate' needs a learned exit gate, and the model directory has no gate.safetensors "
+            f"policy '{policy.name}' needs a learned exit gate, and the model directory has no gate.safetensors "
             "(train one with `epee train-gate`)"
         )
 
@@ -328,8 +286,6 @@ def require_gate(policy: Policy, gate: Any) -> None:
 def _gate(params: dict, s: Signals) -> Decision:
     """gate: the learned gate's probability that this layer's prediction is full depth's reaches
     `gate_threshold`."""
-    from .gate import gate_features, stable_count  # the gate module builds on this one
-
     state = s.state
     stable = stable_count(s.probs, state.prev_probs, state.counter, s.layer, s.multi_label)
     features = gate_features(
@@ -339,29 +295,89 @@ def _gate(params: dict, s: Signals) -> Decision:
     return Decision(fire, state._replace(counter=stable, prev_probs=s.probs), s.probs)
 
 
+class PlotStyle(NamedTuple):
+    """How calibration's Pareto plot draws a policy's settings: plain data, so the engine needs no matplotlib."""
+
+    colour: str
+    marker: str = "o"
+
+
+def below_depth(num_layers: int) -> range:
+    """1 … L − 1, a grid axis for layers and patiences: the values that can still save a layer."""
+    return range(1, num_layers)
+
+
 @dataclass(frozen=True)
 class PolicyRule:
-    """One policy: its rule, its parameters, and which exits it reads.
+    """Everything about one policy: its rule, its parameters, which exits it reads, and how calibration searches
+    and draws it.
 
     `reads` says from which layer on the runner must compute exits for it: `last` (only the final exit), `layer`
     (only the `layer` parameter's exit), `own` (each layer's exit on its own, from `min_layer` on: no state
     across layers) or `every` (counters that start at layer 1 whatever `min_layer` is).
+
+    `grid` is the calibration sweep's search space: each parameter's values (a tuple, or `below_depth`), crossed
+    in the order given, the last varying fastest; no grid, no search. `certify_by_default`: a certified
+    calibration (`--guarantee`) searches it unless `--policies` says otherwise. `needs_gate`: it reads the
+    model's learned exit gate (`gate.safetensors`).
     """
 
     rule: Callable[[dict, Signals], Decision]
     params: dict[str, ParamSpec] = field(default_factory=dict)
+    _: KW_ONLY
+    style: PlotStyle
     reads: str = "every"
     servable: bool = True
+    grid: dict[str, tuple | Callable[[int], Iterable]] = field(default_factory=dict)
+    certify_by_default: bool = False
+    needs_gate: bool = False
+
+    def grid_settings(self, num_layers: int) -> list[dict[str, Any]]:
+        """The grid's parameter sets for a model of `num_layers` layers, in a fixed order (earlier wins ties)."""
+        if not self.grid:
+            return []
+        axes = [values(num_layers) if callable(values) else values for values in self.grid.values()]
+        return [dict(zip(self.grid, values)) for values in itertools.product(*axes)]
 
 
+# Certified calibration leaves out `static` and `fpabee` by default: a fixed-sequence test stops at its first
+# failure, and their settings that lost nothing on the ordering rows tended to lead the sequence and fail on the
+# test rows (docs/calibration.md).
 POLICIES: dict[str, PolicyRule] = {
-    "full": PolicyRule(_never, reads="last"),
-    "static": PolicyRule(_static, {"layer": ParamSpec(int, 1, low=1)}, reads="layer"),
-    "max_prob": PolicyRule(
-        _max_prob, {"threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)}, reads="own"
+    "full": PolicyRule(_never, reads="last", style=PlotStyle("tab:red", "s")),
+    "static": PolicyRule(
+        _static,
+        {"layer": ParamSpec(int, 1, low=1)},
+        reads="layer",
+        grid={"layer": below_depth},
+        style=PlotStyle("tab:gray"),
     ),
-    "entropy": PolicyRule(_entropy, {"entropy_threshold": _TAU}, reads="own"),
-    "patience": PolicyRule(_patience, {"patience": _PATIENCE}),
+    "max_prob": PolicyRule(
+        _max_prob,
+        {"threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)},
+        reads="own",
+        grid={"threshold": (0.55, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)},
+        certify_by_default=True,
+        style=PlotStyle("tab:pink"),
+    ),
+    "entropy": PolicyRule(
+        _entropy,
+        {"entropy_threshold": _TAU},
+        reads="own",
+        grid={
+            "entropy_threshold": (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15)
+            + (0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+        },
+        certify_by_default=True,
+        style=PlotStyle("tab:blue"),
+    ),
+    "patience": PolicyRule(
+        _patience,
+        {"patience": _PATIENCE},
+        grid={"patience": below_depth},
+        certify_by_default=True,
+        style=PlotStyle("tab:green"),
+    ),
     "epee": PolicyRule(
         _epee,
         {
@@ -370,6 +386,14 @@ POLICIES: dict[str, PolicyRule] = {
             "fast_ratio": ParamSpec(float, 0.25, low=0.0, high=1.0),
             "ensemble": ParamSpec(str, "last", choices=ENSEMBLES),
         },
+        grid={
+            "entropy_threshold": (0.01, 0.03, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+            "patience": below_depth,
+            "fast_ratio": (0.0, 0.25, 0.5),
+            "ensemble": ENSEMBLES,
+        },
+        certify_by_default=True,
+        style=PlotStyle("tab:orange"),
     ),
     "fpabee": PolicyRule(
         _fpabee,
@@ -378,11 +402,26 @@ POLICIES: dict[str, PolicyRule] = {
             "similarity_threshold": ParamSpec(float, 0.01, low=0.0, low_inclusive=False),
             "patience": _PATIENCE,
         },
+        grid={
+            "similarity": SIMILARITIES,
+            "similarity_threshold": (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3),
+            "patience": below_depth,
+        },
+        style=PlotStyle("tab:purple"),
     ),
     "gate": PolicyRule(
-        _gate, {"gate_threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)}
+        _gate,
+        {"gate_threshold": ParamSpec(float, 0.9, low=0.0, high=1.0, low_inclusive=False)},
+        # A class-balanced gate (`epee train-gate`'s default) spreads its useful settings over 0.4-0.95 (ADE); an
+        # unbalanced one crowds them into 0.95-0.995.
+        grid={
+            "gate_threshold": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
+        },
+        certify_by_default=True,
+        needs_gate=True,
+        style=PlotStyle("tab:olive"),
     ),
-    "oracle": PolicyRule(_oracle, reads="own", servable=False),
+    "oracle": PolicyRule(_oracle, reads="own", servable=False, style=PlotStyle("tab:cyan", "D")),
 }
 POLICY_NAMES = tuple(POLICIES)
 SERVABLE_POLICIES = tuple(name for name, rule in POLICIES.items() if rule.servable)

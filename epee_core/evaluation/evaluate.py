@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 from ..data.text import label_tensor
 from ..engine.inputs import Example
 from ..engine.model import EarlyExitModel
-from ..engine.policies import Policy, predictions
+from ..engine.policies import Policy
 from ..engine.runner import run_bucketed
+from ..engine.signals import predictions
 from .metrics import task_metrics
 
 

@@ -22,7 +22,7 @@ from ..data.text import example_labels, label_tensor, label_vocabulary, read_tas
 from ..engine.backbones import build_backbone
 from ..engine.inputs import ENTITY_MARKERS, Example, ImageExample, add_entity_markers, model_text
 from ..engine.model import EarlyExitModel
-from ..engine.policies import predictions
+from ..engine.signals import predictions
 from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.metrics import task_metrics
 from .augment import augmentation
