@@ -24,43 +24,53 @@ def add_report(commands) -> None:
     add_performance_report(reports)
 
 
-def add_report_arguments(parser, output: str, models_help: str) -> None:
-    """The flags both reports take: where the data sets, the models and the report are, the runs, threads and the
-    unusable-rows rule."""
-    parser.add_argument(
-        "--data", default=DEFAULT_DATA, help="folder holding ade/, ddi/, git/, … (data/catalogue.py)"
-    )
-    parser.add_argument("--models", default=DEFAULT_MODELS, help=models_help)
-    parser.add_argument("--output", default=output, help="Markdown report; the JSON goes next to it")
+# Each report's one-line help and the description its own --help shows.
+ABOUT = {
+    "results": (
+        "train every backbone × data set, certify a policy on half of the dev split, measure on the other",
+        "Train every backbone × data set with its default recipe, certify a policy on half of the dev split and "
+        "measure on the other half; write docs/results.md and a JSON next to it. Resumable.",
+    ),
+    "performance": (
+        "time full depth, the calibrated EPEE policy and the oracle side by side per model",
+        "Time full, calibrated EPEE and the oracle side by side per model of the results report; write "
+        "docs/performance.md and a JSON next to it. Resumable.",
+    ),
+}
+
+
+def add_report_parser(reports, name: str, only_help: str):
+    """A report's parser with the flags both reports take: where the data sets, the models and the report are,
+    which runs, torch threads and the unusable-rows rule."""
+    help, description = ABOUT[name]
+    parser = reports.add_parser(name, help=help, description=description)
+    for flag, default, what in (
+        ("--data", DEFAULT_DATA, "folder holding ade/, ddi/, git/, … (data/catalogue.py)"),
+        ("--models", DEFAULT_MODELS, "the model directories, one per run (the results report trains them)"),
+        ("--output", f"docs/{name}.md", "Markdown report; the JSON goes next to it"),
+    ):
+        parser.add_argument(flag, default=default, help=f"{what} (default {default})")
+    parser.add_argument("--only", help=only_help)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     add_skip_invalid(parser)
+    return parser
 
 
 def add_results_report(reports) -> None:
-    parser = reports.add_parser(
-        "results",
-        help="train every backbone × data set, certify a policy on half of the dev split, measure on the other",
-        description="Train every backbone × data set with its default recipe, certify a policy on half of the "
-        "dev split and measure on the other half; write docs/results.md. Resumable.",
-    )
-    add_report_arguments(parser, "docs/results.md", "where trained models are kept (resumable)")
-    parser.add_argument(
-        "--only", help="comma-separated runs such as minilm/ade,vit-small/pneumoniamnist (default: all)"
-    )
+    only = "comma-separated runs such as minilm/ade,vit-small/pneumoniamnist (default: all)"
+    parser = add_report_parser(reports, "results", only)
     parser.add_argument("--batch-size", type=int, default=8, help="measurement batch size (default 8)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument(
-        "--remeasure",
-        action="store_true",
-        help="certify and measure again even if report/measurement.json exists",
-    )
-    parser.add_argument(
-        "--skip-untrained",
-        action="store_true",
-        help="report only the runs whose model is trained (the others are listed as missing)",
-    )
-    parser.add_argument("--commands", action="store_true", help="print the epee train commands and stop")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    for flag, what in (
+        ("--remeasure", "certify and measure again even if report/measurement.json exists"),
+        (
+            "--skip-untrained",
+            "report only the runs whose model is trained (the others are listed as missing)",
+        ),
+        ("--commands", "print the epee train commands and stop"),
+        ("--json", "print the report as one JSON object"),
+    ):
+        parser.add_argument(flag, action="store_true", help=what)
     parser.set_defaults(run=partial(run_results_report, parser))
 
 
@@ -76,18 +86,11 @@ def run_results_report(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def add_performance_report(reports) -> None:
-    parser = reports.add_parser(
-        "performance",
-        help="time full depth, the calibrated EPEE policy and the oracle side by side per model",
-        description="Time full, calibrated EPEE and the oracle side by side per model of the results report; "
-        "write docs/performance.md and a JSON next to it. Resumable.",
+    only = (
+        "comma-separated runs (model directories) such as ade-minilm,pneumoniamnist-vit-small (default: the "
+        "MiniLM, ALBERT and GPT-2 runs on ADE, DDI and GIT, and ViT on PneumoniaMNIST)"
     )
-    add_report_arguments(parser, "docs/performance.md", "the results report's model directories")
-    parser.add_argument(
-        "--only",
-        help="comma-separated runs (model directories) such as ade-minilm,pneumoniamnist-vit-small (default: the "
-        "MiniLM, ALBERT and GPT-2 runs on ADE, DDI and GIT, and ViT on PneumoniaMNIST)",
-    )
+    parser = add_report_parser(reports, "performance", only)
     parser.add_argument("--max-samples", type=int, default=400, help="timed dev rows per model (default 400)")
     parser.add_argument(
         "--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)"
@@ -95,16 +98,11 @@ def add_performance_report(reports) -> None:
     parser.add_argument(
         "--recorded", metavar="JSON", help="an earlier performance.json whose figures go beside the new ones"
     )
-    parser.add_argument(
-        "--compile-check",
-        metavar="RUN",
-        help="also time torch.compile'd layer blocks against eager on this (BERT-family) run, e.g. ade-minilm",
-    )
-    parser.add_argument(
-        "--profile",
-        metavar="RUN",
-        help="also time each part of the runner (layers, heads, policy, bookkeeping) on this run, e.g. ade-minilm",
-    )
+    for flag, what in (
+        ("--compile-check", "torch.compile'd layer blocks against eager on this (BERT-family) run"),
+        ("--profile", "each part of the runner (layers, heads, policy, bookkeeping) on this run"),
+    ):
+        parser.add_argument(flag, metavar="RUN", help=f"also time {what}, e.g. ade-minilm")
     parser.add_argument("--rerun", action="store_true", help="measure again even if performance.json matches")
     parser.set_defaults(run=partial(run_performance_report, parser))
 

@@ -30,6 +30,14 @@ class DataSet:
 
 MEDMNIST = "MedMNIST v2 (Yang et al., 2023, Sci. Data), benchmark table"
 BLURB = "BLURB (Gu et al., 2021, ACM HEALTH), Table 6, mean of 5 runs"
+DDI_PUBLISHED = (
+    Published("PubMedBERT (base, 110 M)", "micro_f1", 0.8236, "official test split", BLURB),
+    Published("BERT-base uncased (110 M)", "micro_f1", 0.8004, "official test split", BLURB),
+)
+PNEUMONIAMNIST_PUBLISHED = (
+    Published("ResNet-18 (28 × 28)", "accuracy", 0.854, "official test split", MEDMNIST),
+    Published("Google AutoML Vision", "accuracy", 0.946, "official test split", MEDMNIST),
+)
 DATASETS = {
     "ade": DataSet(
         "ade",
@@ -44,10 +52,7 @@ DATASETS = {
         "relation-extraction",
         "ddi/train.jsonl",
         "ddi/dev.jsonl",
-        published=(
-            Published("PubMedBERT (base, 110 M)", "micro_f1", 0.8236, "official test split", BLURB),
-            Published("BERT-base uncased (110 M)", "micro_f1", 0.8004, "official test split", BLURB),
-        ),
+        published=DDI_PUBLISHED,
     ),
     "git": DataSet(
         "git",
@@ -70,9 +75,6 @@ DATASETS = {
         "image-classification",
         "pneumoniamnist/pneumoniamnist.npz",
         "pneumoniamnist/pneumoniamnist.npz",
-        published=(
-            Published("ResNet-18 (28 × 28)", "accuracy", 0.854, "official test split", MEDMNIST),
-            Published("Google AutoML Vision", "accuracy", 0.946, "official test split", MEDMNIST),
-        ),
+        published=PNEUMONIAMNIST_PUBLISHED,
     ),
 }
