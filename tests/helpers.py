@@ -25,6 +25,19 @@ from epee_core.engine.signals import GATE_FEATURES
 from epee_core.engine.spec import ModelSpec
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "epee_core" / "data"
+# Relation rows: entities the model can mark, and a tail that occurs only inside the head (GIT has such rows).
+MARKABLE_RELATION_ROW = {
+    "text": "aspirin raises warfarin levels",
+    "head": "aspirin",
+    "tail": "warfarin",
+    "relation": "effect",
+}
+UNMARKABLE_RELATION_ROW = {
+    "text": "mpa treatment raised lipids",
+    "head": "mpa treatment",
+    "tail": "mpa",
+    "relation": "effect",
+}
 NUM_LAYERS = 4
 HIDDEN = 32
 IMAGE_SIZE = 16

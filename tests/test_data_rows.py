@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from helpers import MARKABLE_RELATION_ROW, UNMARKABLE_RELATION_ROW
 
 from epee_core.data import UnusableRowsError, read_task_examples, stratified_sample
 from epee_core.engine.inputs import Example
@@ -77,13 +78,8 @@ def test_integer_labels_are_class_names(tmp_path):
 
 def test_relation_rows_whose_entities_cannot_be_marked_are_unusable(tmp_path):
     rows = [
-        {
-            "text": "aspirin raises warfarin levels",
-            "head": "aspirin",
-            "tail": "warfarin",
-            "relation": "effect",
-        },
-        {"text": "mpa treatment raised lipids", "head": "mpa treatment", "tail": "mpa", "relation": "effect"},
+        MARKABLE_RELATION_ROW,
+        UNMARKABLE_RELATION_ROW,
         {"text": "NO synthase and eNOS", "head": "NO synthase", "tail": "iNOS", "relation": "None"},
         {"text": "aspirin raises warfarin", "head": "aspirin", "tail": "warfarin"},
     ]
@@ -100,7 +96,13 @@ def test_relation_rows_whose_entities_cannot_be_marked_are_unusable(tmp_path):
     assert [example.head for example in data.examples] == ["aspirin"]
 
 
-def test_labels_the_model_does_not_know_are_unusable(tmp_path):
+def unknown_label_rows(tmp_path, source: str) -> tuple[str, str, list[str], str, str]:
+    """A data file of four rows, the second and fourth with a label outside the known ones: its path, task, the
+    known labels, where the first unknown label is and that label."""
+    if source == "npz":
+        path = tmp_path / "set.npz"
+        np.savez(path, val_images=np.zeros((4, 8, 8), np.uint8), val_labels=np.array([[0], [2], [1], [2]]))
+        return str(path), "image-classification", ["0", "1"], f"{path}:val_labels[1]", "2"
     rows = [
         GOOD,
         {"text": "b", "label": "maybe"},
@@ -108,15 +110,19 @@ def test_labels_the_model_does_not_know_are_unusable(tmp_path):
         {"text": "d", "label": "maybe"},
     ]
     path = write_lines(tmp_path / "d.jsonl", rows)
+    return path, "text-classification", ["no", "yes"], f"{path}:2", "maybe"
+
+
+@pytest.mark.parametrize("source", ["jsonl", "npz"])
+def test_labels_the_model_does_not_know_are_unusable(tmp_path, source):
+    path, task, known, first, label = unknown_label_rows(tmp_path, source)
     with pytest.raises(ConfigError) as raised:
-        read_task_examples(path, "text-classification", "eval", labels=["no", "yes"])
+        read_task_examples(path, task, "eval", labels=known)
     assert str(raised.value).startswith(
-        f"{path}:2: label 'maybe' is not one the model knows (no, yes) (and 1 more row like it);"
+        f"{first}: label {label!r} is not one the model knows ({', '.join(known)}) (and 1 more row like it);"
     )
-    data = read_task_examples(
-        path, "text-classification", "eval", skip_invalid=True, labels=["no", "yes"], notify=lambda _: None
-    )
-    assert data.skipped_rows == {"unknown label 'maybe'": 2} and len(data.examples) == 2
+    data = read_task_examples(path, task, "eval", skip_invalid=True, labels=known, notify=lambda _: None)
+    assert data.skipped_rows == {f"unknown label {label!r}": 2} and len(data.examples) == 2
 
 
 def test_multi_label_rows_with_an_unknown_label_are_unusable(tmp_path):
@@ -142,20 +148,6 @@ def test_a_file_of_only_unusable_rows_has_no_usable_examples(tmp_path):
     path = write_lines(tmp_path / "d.jsonl", ["{bad"])
     with pytest.raises(ConfigError, match="no usable examples"):
         read_task_examples(path, "text-classification", "eval", skip_invalid=True, notify=lambda _: None)
-
-
-def test_npz_labels_the_model_does_not_know_name_the_array_row(tmp_path):
-    path = tmp_path / "set.npz"
-    np.savez(path, val_images=np.zeros((4, 8, 8), np.uint8), val_labels=np.array([[0], [1], [2], [2]]))
-    with pytest.raises(ConfigError) as raised:
-        read_task_examples(path, "image-classification", "eval", labels=["0", "1"])
-    assert str(raised.value).startswith(
-        f"{path}:val_labels[2]: label '2' is not one the model knows (0, 1) (and 1 more row like it)"
-    )
-    data = read_task_examples(
-        path, "image-classification", "eval", skip_invalid=True, labels=["0", "1"], notify=lambda _: None
-    )
-    assert data.skipped_rows == {"unknown label '2'": 2} and len(data.examples) == 2
 
 
 def test_unreadable_images_in_a_folder_follow_the_rule(tmp_path):

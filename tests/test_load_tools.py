@@ -1,4 +1,4 @@
-"""Load-test tools without a server: Locust CSV parsing and the SLO gate, the clinical-day shape, payloads drawn
+"""Load-test tools without a server: Locust CSV parsing and the SLO check, the clinical-day shape, payloads drawn
 from data files, and the refusals (non-local host, unbounded run)."""
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def write_slo(path: Path, text: str) -> Path:
     return path
 
 
-# --- Locust stats and the SLO gate -----------------------------------------------------------------------------
+# --- Locust stats and the SLO check -----------------------------------------------------------------------------------
 
 
 def test_read_stats_takes_the_aggregated_row_and_each_request_type(tmp_path):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_bert_config
-from transformers import BertModel
+from helpers import MARKABLE_RELATION_ROW, UNMARKABLE_RELATION_ROW, save_tiny_backbone
 
 from epee_core.engine.inputs import InputError, mark_entities
 from epee_core.engine.spec import ConfigError
@@ -33,18 +32,11 @@ def test_entity_nested_in_the_others_only_occurrence_cannot_be_marked():
 
 
 def test_training_stops_at_rows_whose_entities_cannot_be_marked_unless_skipped(tmp_path, tokenizer):
-    backbone = tmp_path / "tiny-bert"
-    BertModel(tiny_bert_config(len(tokenizer), num_layers=2)).save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
+    backbone = save_tiny_backbone(tmp_path / "tiny-bert", tokenizer, num_layers=2)
     rows = [
-        {
-            "text": "aspirin raises warfarin levels",
-            "head": "aspirin",
-            "tail": "warfarin",
-            "relation": "effect",
-        },
+        MARKABLE_RELATION_ROW,
         {"text": "aspirin and heparin were given", "head": "aspirin", "tail": "heparin", "relation": "None"},
-        {"text": "mpa treatment raised lipids", "head": "mpa treatment", "tail": "mpa", "relation": "effect"},
+        UNMARKABLE_RELATION_ROW,
     ]
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

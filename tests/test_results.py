@@ -1,4 +1,4 @@
-"""The results report (epee_core.measure.results): its commands are `epee` commands, the dev split's halves, and
+"""The results report (`epee report results`, epee_core.measure.results): its commands are `epee` commands, and
 one tiny run end to end: certified policies measured on the held-out half with bootstrap intervals."""
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 from helpers import build_tiny_model
-from hypothesis import given
-from hypothesis import strategies as st
 
-from epee_core.cli import build_parser
+from epee_core.cli import build_parser, main
 from epee_core.cli.calibrate import calibration_job
+from epee_core.data.catalogue import DATASETS
 from epee_core.engine.model import SPEC_FILE
-from epee_core.engine.spec import ConfigError, ModelSpec
+from epee_core.engine.spec import ModelSpec
 from epee_core.measure import results
 from epee_core.serving.config import ServeConfig
 
@@ -24,7 +23,7 @@ from epee_core.serving.config import ServeConfig
 @pytest.mark.parametrize(("backbone", "dataset"), results.RUNS)
 def test_each_run_trains_with_the_epee_train_command_it_prints(backbone, dataset):
     config = results.train_config(
-        backbone, results.DATASETS[dataset], Path("data"), Path("models/x"), skip_invalid=True, threads=1
+        backbone, DATASETS[dataset], Path("data"), Path("models/x"), skip_invalid=True, threads=1
     )
     args = build_parser().parse_args(shlex.split(results.train_command(config))[1:])
     assert (args.task, args.backbone, args.train, args.dev, args.output) == (
@@ -56,17 +55,8 @@ def test_each_calibration_is_the_epee_calibrate_command_it_prints(quantize, guar
     assert calibration_job(args) == job
 
 
-@given(st.lists(st.sampled_from("abcde"), max_size=60), st.integers(0, 3))
-def test_dev_halves_cover_every_row_once_and_split_every_label_evenly(strata, seed):
-    first, second = results.stratified_halves(strata, seed)
-    assert sorted(first + second) == list(range(len(strata)))
-    assert abs(len(first) - len(second)) <= 1
-    for label in set(strata):
-        assert abs(sum(strata[i] == label for i in first) - sum(strata[i] == label for i in second)) <= 1
-
-
 def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
-    assert results.main(["--commands", "--skip-invalid"]) == 0  # as docs/training.md regenerates the report
+    assert main(["report", "results", "--commands", "--skip-invalid"]) == 0  # as docs/training.md says
     printed = capsys.readouterr().out.splitlines()
     documented = Path(__file__).resolve().parents[1] / "docs" / "training.md"
     in_doc = [
@@ -75,21 +65,16 @@ def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
     assert in_doc == printed
 
 
-def test_dev_rows_follow_the_unusable_rows_rule(tmp_path):
-    (tmp_path / "ade").mkdir()
-    rows = [json.dumps({"text": f"s {i}", "label": i % 2}) for i in range(10)] + ["{bad"]
-    (tmp_path / "ade" / "dev.jsonl").write_text("\n".join(rows) + "\n")
-    with pytest.raises(ConfigError, match=r"dev.jsonl:11: not valid JSON"):
-        results.dev_rows(results.DATASETS["ade"], tmp_path, None)
-    examples, size, skipped = results.dev_rows(results.DATASETS["ade"], tmp_path, 4, skip_invalid=True)
-    assert len(examples) == 4 and size == 10 and skipped == {"invalid JSON": 1}
-
-
 def test_report_commands_carry_skip_invalid_when_the_report_does(capsys):
-    assert results.main(["--commands", "--skip-invalid", "--only", "minilm/git"]) == 0
+    assert main(["report", "results", "--commands", "--skip-invalid", "--only", "minilm/git"]) == 0
     (command,) = capsys.readouterr().out.splitlines()
     assert command.endswith(" --skip-invalid")
     assert build_parser().parse_args(shlex.split(command)[1:]).skip_invalid
+
+
+def parsed_flags(argv: list[str]) -> dict:
+    """What `epee` parses from `argv`, but the function it runs."""
+    return {name: value for name, value in vars(build_parser().parse_args(argv)).items() if name != "run"}
 
 
 @pytest.fixture
@@ -104,7 +89,7 @@ def trained_run(tokenizer, tmp_path):
     (data / "ade" / "dev.jsonl").write_text("\n".join(rows[:160] + ['{"text": 1}']) + "\n")
     model_dir = models / "ade-minilm"
     build_tiny_model(tokenizer, num_layers=4).save_pretrained(model_dir)
-    config = results.train_config("minilm", results.DATASETS["ade"], data, model_dir)
+    config = results.train_config("minilm", DATASETS["ade"], data, model_dir)
     resolved, _ = config.with_recipe()
     spec = ModelSpec.load(model_dir / SPEC_FILE)
     spec.training = {key: getattr(resolved, key) for key in results.RECIPE_FIELDS}
@@ -117,9 +102,20 @@ def trained_run(tokenizer, tmp_path):
 
 def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_run, monkeypatch):
     data, models, output = trained_run
-    argv = ["--data", str(data), "--models", str(models), "--output", str(output), "--resamples", "40"]
+    argv = [
+        "report",
+        "results",
+        "--data",
+        str(data),
+        "--models",
+        str(models),
+        "--output",
+        str(output),
+        "--resamples",
+        "40",
+    ]
     argv += ["--only", "minilm/ade,minilm/ddi", "--skip-untrained", "--skip-invalid"]
-    assert results.main(argv) == 0
+    assert main(argv) == 0
     report = json.loads(output.with_suffix(".json").read_text())
     assert report["missing"] == ["minilm/ddi"]
     (run,) = report["runs"]
@@ -157,4 +153,7 @@ def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_ru
         raise AssertionError("measured again")
 
     monkeypatch.setattr(results, "certify_and_measure", fail)
-    assert results.main(argv) == 0  # resumed: heldout.json is read back
+    assert parsed_flags(shlex.split(report["command"])[1:]) == parsed_flags(
+        argv
+    )  # its command regenerates it
+    assert main(argv) == 0  # resumed: heldout.json is read back

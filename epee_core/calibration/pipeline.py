@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..data.rows import print_notice
-from ..data.text import read_task_examples
+from ..data.text import label_field, read_task_examples
 from ..engine.gate import ExitGate
 from ..engine.inputs import Example
 from ..engine.model import SPEC_FILE, EarlyExitModel
@@ -67,14 +67,10 @@ def labelled_batches(
     return prepare_batches(model, data.examples, batch_size)
 
 
-# The field holding the gold label(s) of a JSONL record, per text task.
-LABEL_FIELDS = {"multi-label": "labels", "relation-extraction": "relation"}
-
-
 def read_unlabelled(path: str | Path, task: str, max_samples: int | None) -> list[Example] | None:
     """The examples of a JSONL file none of whose rows has a label field, else None (it is labelled: read it with
     the labelled reader, which also reports rows missing their label)."""
-    path, field = Path(path), LABEL_FIELDS.get(task, "label")
+    path, field = Path(path), label_field(task)
     if task == "image-classification" or not path.is_file():
         return None
     examples = []
@@ -118,7 +114,7 @@ def dev_batches(
         return labelled_batches(model, data_path, max_samples, batch_size, skip_invalid), True
     if not allow_unlabelled:
         raise ConfigError(
-            f"{data_path}: no row has a '{LABEL_FIELDS.get(task, 'label')}' field: calibrating on data without "
+            f"{data_path}: no row has a '{label_field(task)}' field: calibrating on data without "
             f"labels needs --guarantee consistency"
         )
     width = len(model.spec.labels)
@@ -209,7 +205,7 @@ def run_calibration(job: CalibrationJob, notify: Callable[[str], None] = print_n
     unlabelled = read_unlabelled(job.data_path, spec.task, None) is not None
     if unlabelled and options.guarantee != "consistency":
         raise ConfigError(
-            f"{job.data_path}: no row has a '{LABEL_FIELDS.get(spec.task, 'label')}' field: calibrating on data "
+            f"{job.data_path}: no row has a '{label_field(spec.task)}' field: calibrating on data "
             f"without labels needs --guarantee consistency"
         )
     skipped = {}

@@ -13,6 +13,7 @@ from .common import USER_ERRORS, CommandError
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
+from .report import add_report
 from .serve import add_demo, add_deploy, add_package
 from .train import add_train
 
@@ -26,6 +27,7 @@ COMMANDS = [
     add_demo,
     add_bench,
     add_loadtest,
+    add_report,
 ]
 
 

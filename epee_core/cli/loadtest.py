@@ -12,7 +12,7 @@ def add_loadtest(commands) -> None:
 
     parser = commands.add_parser(
         "loadtest",
-        help="Locust load tests on a local TorchServe: clinical-day load, SLO gate, EPEE vs full comparison",
+        help="Locust load tests on a local TorchServe: clinical-day load, SLO check, EPEE vs full comparison",
         description="Headless Locust runs of load_tests/locustfile.py with the clinical-day shape (morning "
         "ramp, clinic hours, ward-round burst, evening tail), bounded by --peak-users and --duration, against "
         "http://127.0.0.1 only. Payload weights and think time: EPEE_* variables (load_tests/README.md).",
@@ -38,7 +38,7 @@ def add_loadtest(commands) -> None:
         sub.add_argument("--locustfile", default=str(LOCUSTFILE), help="default: the repository's")
 
     run = action(
-        "run", "one headless run against a running TorchServe, then the SLO gate (exit 2 if violated)"
+        "run", "one headless run against a running TorchServe, then the SLO check (exit 2 if violated)"
     )
     run.add_argument("--host", default="http://127.0.0.1:8080", help="inference API (127.0.0.1 only)")
     run.add_argument(
@@ -102,7 +102,7 @@ def add_loadtest(commands) -> None:
 
 
 def run_loadtest(args) -> None:
-    from ..measure.loadtest import LoadTestError, render_gate, stats_result
+    from ..measure.loadtest import LoadTestError, render_slo_check, stats_result
     from ..ops.management import ServerError
 
     slo = args.slo or None
@@ -115,7 +115,7 @@ def run_loadtest(args) -> None:
             result = loadtest_compare(args, slo)
     except (ServerError, LoadTestError) as error:
         raise CommandError(str(error)) from None
-    emit(result, args.json, render_compare if args.action == "compare" else render_gate)
+    emit(result, args.json, render_compare if args.action == "compare" else render_slo_check)
     if not result["passed"]:
         raise CommandError("SLO violated: " + "; ".join(result["slo_violations"]))
 
@@ -123,7 +123,7 @@ def run_loadtest(args) -> None:
 def loadtest_run(args, slo: str | None) -> dict:
     from pathlib import Path
 
-    from ..measure.loadtest import LoadRun, default_report_dir, gate
+    from ..measure.loadtest import LoadRun, default_report_dir, run_slo_check
     from ..ops.management import read_key_file
 
     models = {
@@ -148,7 +148,7 @@ def loadtest_run(args, slo: str | None) -> dict:
         data_dir=args.data_dir,
         locustfile=Path(args.locustfile),
     )
-    return gate(run, slo)
+    return run_slo_check(run, slo)
 
 
 def server_job_fields(args) -> dict:

@@ -1,5 +1,5 @@
 """Labelled data sets: JSON Lines text readers, MedMNIST `.npz` and image-folder readers, the rule for unusable
-rows, label-stratified samples, the embedded demo set."""
+rows, seeded samples, the embedded demo set, and the public data sets the reports use (`catalogue`, `splits`)."""
 
 from pathlib import Path
 

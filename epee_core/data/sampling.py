@@ -1,4 +1,5 @@
-"""Seeded, label-stratified samples of a data set (`epee train --max-samples`, `--max-dev-samples`)."""
+"""Seeded samples of a data set: label-stratified (`epee train --max-samples`, `--max-dev-samples`, the results
+report's dev halves) or plain random (the performance report's timed rows)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,33 @@ def stratified_sample(examples: list, size: int | None, task: str, seed: int = 0
         quota[largest] -= 1
     chosen = [index for name in names for index in rng.sample(groups[name], quota[name])]
     return [examples[index] for index in sorted(chosen)]
+
+
+def random_sample_and_rest(items: list, size: int | None, seed: int = 0) -> tuple[list, list]:
+    """`size` items drawn at random (seeded; in draw order) and the others (in their order); all items and none
+    when `size` is None or not smaller."""
+    if size is None or len(items) <= size:
+        return list(items), []
+    chosen = random.Random(seed).sample(range(len(items)), size)
+    taken = set(chosen)
+    return [items[index] for index in chosen], [
+        item for index, item in enumerate(items) if index not in taken
+    ]
+
+
+def stratified_halves(strata: list[str], seed: int = 0) -> tuple[list[int], list[int]]:
+    """Row indices cut into two halves with every stratum split evenly (odd strata alternate which half gets
+    the extra row), in file order."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index, stratum in enumerate(strata):
+        groups[stratum].append(index)
+    rng, first, second, extra_to_first = random.Random(seed), [], [], True
+    for name in sorted(groups):
+        members = groups[name]
+        rng.shuffle(members)
+        cut = (len(members) + extra_to_first) // 2 if len(members) % 2 else len(members) // 2
+        if len(members) % 2:
+            extra_to_first = not extra_to_first
+        first += members[:cut]
+        second += members[cut:]
+    return sorted(first), sorted(second)

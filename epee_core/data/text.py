@@ -14,11 +14,19 @@ from ..engine.spec import ConfigError
 from .images import read_image_examples
 from .rows import RowProblems, TaskData, unknown_label_reason
 
+# The field holding a JSONL row's gold label(s), per text task.
+LABEL_FIELDS = {"text-classification": "label", "multi-label": "labels", "relation-extraction": "relation"}
+# Every field a JSONL row of the task must have.
 _FIELDS = {
-    "text-classification": ("text", "label"),
-    "multi-label": ("text", "labels"),
-    "relation-extraction": ("text", "head", "tail", "relation"),
+    "text-classification": ("text", LABEL_FIELDS["text-classification"]),
+    "multi-label": ("text", LABEL_FIELDS["multi-label"]),
+    "relation-extraction": ("text", "head", "tail", LABEL_FIELDS["relation-extraction"]),
 }
+
+
+def label_field(task: str) -> str:
+    """The name of the field holding a JSONL row's gold label(s) for `task`."""
+    return LABEL_FIELDS.get(task, "label")
 
 
 class _BadRow(Exception):

@@ -1,4 +1,4 @@
-"""`epee loadtest`: bounded headless Locust runs against a local TorchServe, the SLO gate, and the side-by-side
+"""`epee loadtest`: bounded headless Locust runs against a local TorchServe, the SLO check, and the side-by-side
 comparison of EPEE and full depth on one real server.
 
 Locust runs as a subprocess (`locust -f load_tests/locustfile.py --headless ...`), so the engine never imports
@@ -227,7 +227,7 @@ def stats_result(prefix: str | Path, slo_path: str | Path | None) -> dict:
     }
 
 
-def gate(run: LoadRun, slo_path: str | Path | None) -> dict:
+def run_slo_check(run: LoadRun, slo_path: str | Path | None) -> dict:
     """Run Locust, then check the run against the SLO file (read first, so a bad file fails before the run)."""
     if slo_path:
         load_slo(slo_path)
@@ -244,7 +244,7 @@ def gate(run: LoadRun, slo_path: str | Path | None) -> dict:
     }
 
 
-def render_gate(result: dict) -> str:
+def render_slo_check(result: dict) -> str:
     stats = RunStats(**{k: v for k, v in result["stats"].items() if k != "failure_rate"})
     lines = [
         f"{stats.requests} requests, {stats.failures} failed ({stats.failure_rate:.2%}), {stats.rps:.2f} req/s; "

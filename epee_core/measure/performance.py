@@ -1,8 +1,7 @@
 """The performance report: samples/s of full, the calibrated EPEE policy and the oracle at several batch sizes,
 per model of the results report, timed side by side in one run.
 
-    OMP_NUM_THREADS=1 python -m epee_core.measure.performance --data ../shared/data --models models/results \\
-        --output docs/performance.md [--recorded docs/performance.json]
+    OMP_NUM_THREADS=1 epee report performance --data DATA [--recorded docs/performance.json]
 
 Each model is timed by `measure.bench.run_bench` (what `epee bench` runs) on a fixed random sample of its dev
 split (`--max-samples`, seed as in the results report). The EPEE policy is the model's calibrated YAML
@@ -20,9 +19,7 @@ import json
 import os
 import platform
 import random
-import shlex
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,14 +28,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ..calibration import CalibrationOptions, build_cache, calibrate, search_space
-from ..data.text import read_task_examples
+from ..data.catalogue import DATASETS, DataSet
+from ..data.splits import SPLIT_SEED, DevSample, dev_sample
 from ..engine.model import EarlyExitModel
 from ..engine.policies import Policy, make_policy
 from ..engine.runner import run_bucketed
+from ..engine.spec import ConfigError
 from ..evaluation.evaluate import WARMUP_BATCHES, prepare_batches
+from ..evaluation.metrics import task_f1
 from ..serving.config import ServeConfig
 from .bench import run_bench
-from .results import DATASETS, EVAL_SEED, dev_rows, log
+from .results import log
 
 RESULT_FILE = "performance.json"
 COMPILE_FILE = "compile_check.json"
@@ -59,33 +59,26 @@ PROFILE_PARTS = {
 }
 
 
-def dataset_of(run: str):
+def dataset_of(run: str) -> DataSet:
+    """The data set a run (`<data set>-<backbone>`, a model directory's name) was trained on."""
     name = run.split("-", 1)[0]
     if name not in DATASETS:
-        raise SystemExit(f"{run}: no data set '{name}' (known: {', '.join(DATASETS)})")
+        raise ConfigError(f"{run}: no data set '{name}' (known: {', '.join(DATASETS)})")
     return DATASETS[name]
 
 
-def split_dev(
+def timed_and_calibration_rows(
     run: str, data_dir: Path, max_samples: int, skip_invalid: bool = False, labels: list[str] | None = None
-) -> tuple[list, list, int, bool, dict[str, int]]:
-    """The timed sample (the rows `results.dev_rows` picks: same seed, same draw), the calibration rows, the
-    split size, and whether the calibration rows include the timed ones."""
-    data = read_task_examples(
-        data_dir / dataset_of(run).dev, dataset_of(run).task, "eval", skip_invalid=skip_invalid, labels=labels
-    )
-    everything = data.examples
-    if len(everything) <= max_samples:
-        timed, rest = everything, []
-    else:
-        chosen = random.Random(EVAL_SEED).sample(range(len(everything)), max_samples)
-        timed = [everything[index] for index in chosen]
-        taken = set(chosen)
-        rest = [example for index, example in enumerate(everything) if index not in taken]
-    if len(rest) >= MIN_CALIBRATION_ROWS:
-        rest = random.Random(EVAL_SEED).sample(rest, min(len(rest), MAX_CALIBRATION_ROWS))
-        return timed, rest, len(everything), False, data.skipped_rows
-    return timed, everything[:MAX_CALIBRATION_ROWS], len(everything), True, data.skipped_rows
+) -> tuple[DevSample, list, bool]:
+    """The dev split's timed sample (`data.splits.dev_sample`, the rows the results report's seed draws) and the
+    calibration rows: rows outside the timed sample, or all rows when too few are left (the bool says so)."""
+    dev = dev_sample(dataset_of(run), data_dir, max_samples, skip_invalid, labels)
+    if len(dev.rest) >= MIN_CALIBRATION_ROWS:
+        calibration_rows = random.Random(SPLIT_SEED).sample(
+            dev.rest, min(len(dev.rest), MAX_CALIBRATION_ROWS)
+        )
+        return dev, calibration_rows, False
+    return dev, dev.examples[:MAX_CALIBRATION_ROWS], True
 
 
 def calibrated_policy(
@@ -133,23 +126,23 @@ def measure_run(run: str, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     dataset = dataset_of(run)
     model = EarlyExitModel.from_pretrained(model_dir)
-    timed, calibration_rows, split_size, overlaps, skipped = split_dev(
+    dev, calibration_rows, overlaps = timed_and_calibration_rows(
         run, Path(args.data), args.max_samples, args.skip_invalid, model.spec.labels
     )
     log(f"{run}: calibrating on {len(calibration_rows)} rows")
     policy, calibration = calibrated_policy(model, run, Path(args.models), calibration_rows, overlaps)
-    log(f"{run}: {policy.describe()}; timing {len(timed)} rows at batch sizes {args.batch_sizes}")
+    log(f"{run}: {policy.describe()}; timing {len(dev.sample)} rows at batch sizes {args.batch_sizes}")
     policies = [make_policy("full"), policy, make_policy("oracle")]
     if policy.name in ("full", "oracle"):
         policies = [make_policy("full"), make_policy("oracle")]
-    bench = run_bench(model, timed, policies, args.batch_sizes, args.threads)
+    bench = run_bench(model, dev.sample, policies, args.batch_sizes, args.threads)
     result = {
         "run": run,
         "dataset": dataset.name,
         "task": dataset.task,
-        "f1_key": dataset.f1_key,
-        "split_size": split_size,
-        "skipped_rows": skipped,
+        "f1_key": task_f1(dataset.task),
+        "split_size": len(dev.examples),
+        "skipped_rows": dev.skipped_rows,
         "calibration": calibration,
         "epee_policy": policy.name,
         "settings": settings_of(args),
@@ -170,9 +163,9 @@ def compile_check(run: str, args: argparse.Namespace, batch_size: int = 8, max_r
     eager = EarlyExitModel.from_pretrained(Path(args.models) / run)
     compiled = EarlyExitModel.from_pretrained(Path(args.models) / run)
     layers = compiled.backbone.model.encoder.layer
-    examples, _, _ = dev_rows(
+    examples = dev_sample(
         dataset_of(run), Path(args.data), max_rows, args.skip_invalid, eager.spec.labels
-    )
+    ).sample
     batches = prepare_batches(eager, examples, batch_size)
     policy = make_policy("full")
     previous_threads = torch.get_num_threads()
@@ -223,9 +216,9 @@ def profile_run(run: str, args: argparse.Namespace, results: list[dict], max_row
     policy), read from `torch.profiler`; also the layer-tokens a batch processes and the padding share."""
     policy = measured_policy(results, run)
     model = EarlyExitModel.from_pretrained(Path(args.models) / run).eval()
-    examples, _, _ = dev_rows(
+    examples = dev_sample(
         dataset_of(run), Path(args.data), max_rows, args.skip_invalid, model.spec.labels
-    )
+    ).sample
     rows, padding = [], {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -359,7 +352,7 @@ def render_markdown(report: dict) -> str:
         f"{report['machine']['omp_num_threads']}. Git revision {report['git_revision']}.",
         "",
         "How it is measured: `epee bench`'s timing (`measure.bench.run_bench`) on a fixed random sample of "
-        f"{report['settings']['max_samples']} dev rows per model (seed {EVAL_SEED}, the results report's sample; "
+        f"{report['settings']['max_samples']} dev rows per model (seed {SPLIT_SEED}, the results report's sample; "
         "PneumoniaMNIST: val), tokenised once, through the serving runner (length-bucketed). Every policy takes its "
         "turn on each batch (the order rotating) after untimed warm-up batches, so a busy neighbour slows all of "
         "them alike: compare ratios within a table, not absolute numbers across runs.",
@@ -499,57 +492,16 @@ def cached_or_measured(args, run: str | None, file_name: str, what: str, measure
     return measured
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m epee_core.measure.performance",
-        description="Time full, calibrated EPEE and the oracle side by side per model; write "
-        "docs/performance.md and a JSON next to it.",
-    )
-    parser.add_argument("--data", default="../shared/data", help="folder holding ade/, ddi/, git/, …")
-    parser.add_argument("--models", default="models/results", help="the results report's model directories")
-    parser.add_argument(
-        "--output", default="docs/performance.md", help="Markdown report; the JSON goes next to it"
-    )
-    parser.add_argument("--only", help=f"comma-separated runs (default: {','.join(DEFAULT_RUNS)})")
-    parser.add_argument("--max-samples", type=int, default=400, help="timed dev rows per model (default 400)")
-    parser.add_argument(
-        "--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)"
-    )
-    parser.add_argument(
-        "--recorded", metavar="JSON", help="an earlier performance.json whose figures go beside the new ones"
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument(
-        "--compile-check",
-        metavar="RUN",
-        help="also time torch.compile'd layer blocks against eager on this (BERT-family) run, e.g. ade-minilm",
-    )
-    parser.add_argument(
-        "--profile",
-        metavar="RUN",
-        help="also time each part of the runner (layers, heads, policy, bookkeeping) on this run, e.g. ade-minilm",
-    )
-    parser.add_argument("--rerun", action="store_true", help="measure again even if performance.json matches")
-    parser.add_argument(
-        "--skip-invalid",
-        action="store_true",
-        help="leave unusable data rows out (counted per reason) instead of stopping at the first",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size.strip()]
+def write_report(args: argparse.Namespace, command: str) -> dict:
+    """Measure every selected model (reading back what was measured with the same settings), and the compile check
+    and profile when asked; write the JSON and the Markdown report; return the report. `command` is the command
+    line the report says generated it."""
     runs = [run.strip() for run in args.only.split(",")] if args.only else DEFAULT_RUNS
     missing = [run for run in runs if not (Path(args.models) / run).is_dir()]
     if missing:
-        raise SystemExit(
-            f"no model directory {Path(args.models) / missing[0]} (train it with epee_core.measure.results)"
+        raise ConfigError(
+            f"no model directory {Path(args.models) / missing[0]} (train it with `epee report results`)"
         )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     results = [measure_run(run, args) for run in runs]
     check = cached_or_measured(args, args.compile_check, COMPILE_FILE, "torch.compile check", compile_check)
@@ -557,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         args, args.profile, PROFILE_FILE, "profiling the runner", profile_run, results
     )
     report = {
-        "command": shlex.join(["python", "-m", "epee_core.measure.performance", *(argv or sys.argv[1:])]),
+        "command": command,
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": round(time.perf_counter() - started, 1),
         "measure_seconds": round(
@@ -581,8 +533,4 @@ def main(argv: list[str] | None = None) -> int:
     output.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     output.write_text(render_markdown(report), encoding="utf-8")
     log(f"wrote {output} and {output.with_suffix('.json')} in {report['seconds']:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report

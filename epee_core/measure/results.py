@@ -1,8 +1,7 @@
 """The results report (docs/results.md): every backbone × data set trained on its whole training split with the
 backbone's default recipe, given a certified early-exit policy, and measured on rows it has never seen.
 
-    python -m epee_core.measure.results --data ../shared/data --models models/results --output docs/results.md \\
-        --skip-invalid
+    epee report results --data DATA --skip-invalid
 
 Each run (`run_one`):
 1. **train**: `epee train` with the recipe defaults on every usable training row (ADE: one epoch of 20,411 rows);
@@ -27,23 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import shlex
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..calibration import CalibrationJob, CalibrationOptions, ServingOptions, run_calibration
-from ..calibration.pipeline import LABEL_FIELDS
+from ..data.catalogue import DATASETS, DataSet
+from ..data.splits import SPLIT_SEED, halves_paths, write_dev_halves
 from ..data.text import label_tensor, read_task_examples
 from ..engine.model import SPEC_FILE, EarlyExitModel
 from ..engine.policies import Policy, make_policy
-from ..engine.spec import ModelSpec
+from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.evaluate import evaluate_policies
 from ..evaluation.metrics import bootstrap_intervals, task_f1
 from ..serving.config import ServeConfig
@@ -58,7 +54,6 @@ CALIBRATIONS = (
     ("int8_certified", "int8", "accuracy"),
     ("uncertified", "none", "none"),
 )
-EVAL_SEED = 0  # seed of every split and sample the report draws
 MAX_DEV_SAMPLES = 300  # the per-epoch dev report printed while training only
 # Rows of the report's table per run, in order: (key, label).
 ROWS = (
@@ -72,76 +67,10 @@ ROWS = (
 )
 
 
-@dataclass(frozen=True)
-class Published:
-    """A score a paper reports on the same data set (its split may differ from ours: `split` says which)."""
-
-    model: str
-    metric: str
-    value: float
-    split: str
-    source: str
-
-
-@dataclass(frozen=True)
-class DataSet:
-    name: str
-    task: str
-    train: str  # relative to --data
-    dev: str
-    epochs: int | None = None  # overrides the recipe (ADE is 4–6× larger than the other sets: one epoch)
-    published: tuple[Published, ...] = ()
-
-    @property
-    def f1_key(self) -> str:
-        """The task's F1 in the evaluate JSON."""
-        return task_f1(self.task)
-
-
-MEDMNIST = "MedMNIST v2 (Yang et al., 2023, Sci. Data), benchmark table"
-BLURB = "BLURB (Gu et al., 2021, ACM HEALTH), Table 6, mean of 5 runs"
-DATASETS = {
-    "ade": DataSet("ade", "text-classification", "ade/train.jsonl", "ade/dev.jsonl", epochs=1),
-    "ddi": DataSet(
-        "ddi",
-        "relation-extraction",
-        "ddi/train.jsonl",
-        "ddi/dev.jsonl",
-        published=(
-            Published("PubMedBERT (base, 110 M)", "micro_f1", 0.8236, "official test split", BLURB),
-            Published("BERT-base uncased (110 M)", "micro_f1", 0.8004, "official test split", BLURB),
-        ),
-    ),
-    "git": DataSet("git", "relation-extraction", "git/train.jsonl", "git/dev.jsonl"),
-    "chemprot": DataSet(
-        "chemprot",
-        "multi-label",
-        "chemprot_multilabel/train.jsonl",
-        "chemprot_multilabel/dev.jsonl",
-    ),
-    "pneumoniamnist": DataSet(
-        "pneumoniamnist",
-        "image-classification",
-        "pneumoniamnist/pneumoniamnist.npz",
-        "pneumoniamnist/pneumoniamnist.npz",
-        published=(
-            Published("ResNet-18 (28 × 28)", "accuracy", 0.854, "official test split", MEDMNIST),
-            Published("Google AutoML Vision", "accuracy", 0.946, "official test split", MEDMNIST),
-        ),
-    ),
-}
 TEXT_SETS = ("ade", "ddi", "git", "chemprot")
 RUNS = [(backbone, name) for backbone in ("minilm", "albert-small", "gpt2-small") for name in TEXT_SETS] + [
     ("vit-small", "pneumoniamnist")
 ]
-# Why a data set has no published number beside ours.
-NOT_COMPARED = {
-    "ade": "no fully supervised score on a fixed split of ADE-Corpus-V2 sentences that we could find",
-    "git": "BiomedRAG (Li et al., 2024) reports end-to-end triple extraction on GIT, not relation "
-    "classification with given entities",
-    "chemprot": "our multi-label sentence task is derived from ChemProt; published ChemProt scores are for "
-    "per-pair relation extraction",
-}
 
 
 def run_name(backbone: str, dataset: str) -> str:
@@ -233,79 +162,6 @@ def is_trained(model_dir: Path, config: TrainConfig) -> bool:
     return same_recipe and record.get("max_samples", "absent") is None
 
 
-# --- the two halves of the dev split ----------------------------------------------------------------------------
-
-
-def stratified_halves(strata: list[str], seed: int = EVAL_SEED) -> tuple[list[int], list[int]]:
-    """Row indices cut into two halves with every stratum split evenly (odd strata alternate which half gets
-    the extra row), in file order."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for index, stratum in enumerate(strata):
-        groups[stratum].append(index)
-    rng, first, second, extra_to_first = random.Random(seed), [], [], True
-    for name in sorted(groups):
-        members = groups[name]
-        rng.shuffle(members)
-        cut = (len(members) + extra_to_first) // 2 if len(members) % 2 else len(members) // 2
-        if len(members) % 2:
-            extra_to_first = not extra_to_first
-        first += members[:cut]
-        second += members[cut:]
-    return sorted(first), sorted(second)
-
-
-def _jsonl_stratum(line: str, task: str) -> str:
-    """A raw JSONL row's label as a string (unparsable rows form their own group, kept for the row rule)."""
-    try:
-        value = json.loads(line).get(LABEL_FIELDS.get(task, "label"))
-    except (json.JSONDecodeError, AttributeError):
-        return "?"
-    return json.dumps(sorted(map(str, value)) if isinstance(value, list) else value)
-
-
-def split_paths(dataset: DataSet, output_dir: Path) -> tuple[Path, Path]:
-    """Where `split_dev` writes the calibration and the held-out half."""
-    suffix = ".npz" if dataset.task == "image-classification" else ".jsonl"
-    return output_dir / f"calibration{suffix}", output_dir / f"heldout{suffix}"
-
-
-def split_dev(dataset: DataSet, data_dir: Path, output_dir: Path) -> tuple[Path, Path]:
-    """Write the calibration and held-out halves of the dev split (PneumoniaMNIST: val) into `output_dir`, as
-    files the `epee` commands read: JSONL rows as they are in the source (unusable ones too), or a `.npz` with
-    `val_*` arrays. Returns both paths."""
-    source, paths = data_dir / dataset.dev, split_paths(dataset, output_dir)
-    if dataset.task == "image-classification":
-        with np.load(source) as arrays:
-            images, labels = arrays["val_images"], arrays["val_labels"]
-        halves = stratified_halves([str(label) for label in labels.reshape(len(labels), -1).tolist()])
-        for path, rows in zip(paths, halves):
-            np.savez_compressed(path, val_images=images[rows], val_labels=labels[rows])
-        return paths
-    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    halves = stratified_halves([_jsonl_stratum(line, dataset.task) for line in lines])
-    for path, rows in zip(paths, halves):
-        path.write_text("".join(lines[index] + "\n" for index in rows), encoding="utf-8")
-    return paths
-
-
-def dev_rows(
-    dataset: DataSet,
-    data_dir: Path,
-    max_rows: int | None,
-    skip_invalid: bool = False,
-    labels: list[str] | None = None,
-) -> tuple[list, int, dict[str, int]]:
-    """The usable dev/val examples, or a fixed random sample of `max_rows` of them (the performance report's
-    timed sample); also the number of usable rows and the skipped rows per reason."""
-    data = read_task_examples(
-        data_dir / dataset.dev, dataset.task, "eval", skip_invalid=skip_invalid, labels=labels
-    )
-    examples = data.examples
-    if max_rows is None or len(examples) <= max_rows:
-        return examples, len(examples), data.skipped_rows
-    return random.Random(EVAL_SEED).sample(examples, max_rows), len(examples), data.skipped_rows
-
-
 # --- certify and measure ----------------------------------------------------------------------------------------
 
 
@@ -345,7 +201,7 @@ def measure(
 ) -> dict:
     """The report's rows on the held-out half: a float32 run (hf, full, certified, uncertified, oracle) and an int8
     run (full, certified, with float32 hf beside them), each timed side by side; bootstrap intervals over all."""
-    model = EarlyExitModel.from_pretrained(model_dir)
+    model, f1_key = EarlyExitModel.from_pretrained(model_dir), task_f1(dataset.task)
     data = read_task_examples(
         heldout, dataset.task, "eval", skip_invalid=skip_invalid, labels=model.spec.labels, notify=log
     )
@@ -373,10 +229,10 @@ def measure(
         keys = [*contestants, "hf" if name == "float32" else "int8_hf"]
         for key, result in zip(keys, results):
             predicted[key] = result.pop("predicted")
-            rows[key] = _row(result, dataset.f1_key)
+            rows[key] = _row(result, f1_key)
     del predicted["int8_hf"]  # the same forward as hf
     gold = label_tensor(data.examples, model.spec.labels, dataset.task).numpy()
-    metric_keys = ("accuracy", dataset.f1_key)
+    metric_keys = ("accuracy", f1_key)
     intervals = bootstrap_intervals(
         dataset.task,
         gold,
@@ -426,7 +282,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
     if measurement is None:
         measurement = certify_and_measure(model_dir, dataset, data_dir, args)
         measurement_path.write_text(json.dumps(measurement, indent=2), encoding="utf-8")
-    calibration, _ = split_paths(dataset, model_dir / REPORT_DIR)
+    calibration, _ = halves_paths(dataset, model_dir / REPORT_DIR)
     jobs = [
         calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
         for _, quantize, guarantee in CALIBRATIONS
@@ -435,7 +291,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
         "backbone": backbone,
         "dataset": dataset_name,
         "task": dataset.task,
-        "f1_key": dataset.f1_key,
+        "f1_key": task_f1(dataset.task),
         "commands": [train_command(config), *map(calibrate_command, jobs)],
         **measurement,
         **training_record(model_dir),
@@ -445,7 +301,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
 def certify_and_measure(model_dir: Path, dataset: DataSet, data_dir: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     (model_dir / REPORT_DIR).mkdir(exist_ok=True)
-    calibration, heldout = split_dev(dataset, data_dir, model_dir / REPORT_DIR)
+    calibration, heldout = write_dev_halves(dataset, data_dir, model_dir / REPORT_DIR)
     certificates, policies = {}, {}
     for key, quantize, guarantee in CALIBRATIONS:
         job = calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
@@ -658,9 +514,9 @@ def render_markdown(report: dict) -> str:
         "do not edit by hand. Raw numbers: `results.json`.",
         "",
         "Every model is trained by `epee train` with its backbone's **default recipe** (docs/training.md) on the "
-        "**whole training split** of its set in ../shared/data (ADE: one epoch of 20,411 rows). Each set's own "
+        "**whole training split** of its set (ADE: one epoch of 20,411 rows). Each set's own "
         f"test split is kept back by its provider, so the dev split (PneumoniaMNIST: val) is cut into two "
-        f"label-stratified halves (seed {EVAL_SEED}): `epee calibrate` certifies a policy on the first "
+        f"label-stratified halves (seed {SPLIT_SEED}): `epee calibrate` certifies a policy on the first "
         "(accuracy drop vs full depth ≤ 1 point with probability ≥ 90 %, Learn-then-Test; docs/calibration.md), "
         "float32 and int8, and every number below is measured on the second, which neither training nor "
         "calibration saw.",
@@ -694,7 +550,11 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Published numbers on the same data sets", ""]
     lines += published_rows(runs)
     lines += [""]
-    lines += [f"- {name}: not compared: {why}." for name, why in NOT_COMPARED.items()]
+    lines += [
+        f"- {name}: not compared: {dataset.not_compared}."
+        for name, dataset in DATASETS.items()
+        if dataset.not_compared
+    ]
     lines += [
         "- Not the same rows: the published scores are on each set's official test split, ours on half of the "
         "dev split (PneumoniaMNIST's test split is 62.5 % pneumonia, val 74 %). BLURB's DDI has 25,296 training "
@@ -735,75 +595,39 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m epee_core.measure.results",
-        description="Train every backbone × data set with its default recipe, certify a policy on half of the "
-        "dev split and measure on the other half; write docs/results.md.",
-    )
-    parser.add_argument("--data", default="../shared/data", help="folder holding ade/, ddi/, git/, …")
-    parser.add_argument(
-        "--models", default="models/results", help="where trained models are kept (resumable)"
-    )
-    parser.add_argument(
-        "--output", default="docs/results.md", help="Markdown report; the JSON goes next to it"
-    )
-    parser.add_argument(
-        "--only", help="comma-separated runs such as minilm/ade,vit-small/pneumoniamnist (default: all)"
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="measurement batch size")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and timing")
-    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument(
-        "--remeasure",
-        action="store_true",
-        help="certify and measure again even if report/measurement.json exists",
-    )
-    parser.add_argument(
-        "--skip-untrained",
-        action="store_true",
-        help="report only the runs whose model is trained (the others are listed as missing)",
-    )
-    parser.add_argument(
-        "--skip-invalid",
-        action="store_true",
-        help="leave unusable data rows out (counted per reason) instead of stopping at the first",
-    )
-    parser.add_argument("--commands", action="store_true", help="print the epee train commands and stop")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    return parser
-
-
 def selected_runs(only: str | None) -> list[tuple[str, str]]:
+    """The runs `--only` names (`backbone/data set`, comma-separated), in report order; all when None."""
     if not only:
         return list(RUNS)
     wanted = [tuple(item.strip().split("/", 1)) for item in only.split(",") if item.strip()]
     unknown = [f"{'/'.join(item)}" for item in wanted if item not in RUNS]
     if unknown:
         known = ", ".join(f"{backbone}/{name}" for backbone, name in RUNS)
-        raise SystemExit(f"--only: unknown run {unknown[0]} (known: {known})")
+        raise ConfigError(f"--only: unknown run {unknown[0]} (known: {known})")
     return [run for run in RUNS if run in wanted]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    runs = selected_runs(args.only)
-    if args.commands:
-        for backbone, name in runs:
-            model_dir = Path(args.models) / run_name(backbone, name)
-            config = train_config(
-                backbone, DATASETS[name], Path(args.data), model_dir, args.skip_invalid, args.threads
-            )
-            print(train_command(config))
-        return 0
-    from transformers.utils import logging as hf_logging
+def train_commands(args: argparse.Namespace) -> list[str]:
+    """The `epee train` command of every selected run."""
+    commands = []
+    for backbone, name in selected_runs(args.only):
+        model_dir = Path(args.models) / run_name(backbone, name)
+        config = train_config(
+            backbone, DATASETS[name], Path(args.data), model_dir, args.skip_invalid, args.threads
+        )
+        commands.append(train_command(config))
+    return commands
 
-    hf_logging.disable_progress_bar()
+
+def write_report(args: argparse.Namespace, command: str) -> dict:
+    """Train, certify and measure every selected run (resuming what is done), write the Markdown report and the
+    JSON next to it; return the report. `command` is the command line the report says generated it."""
+    runs = selected_runs(args.only)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     measured = {(backbone, name): run_one(backbone, name, args) for backbone, name in runs}
     report = {
-        "command": shlex.join(["python", "-m", "epee_core.measure.results", *(argv or sys.argv[1:])]),
+        "command": command,
         "generated": time.strftime("%Y-%m-%d"),
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
@@ -816,10 +640,4 @@ def main(argv: list[str] | None = None) -> int:
     output.write_text(render_markdown(report), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     log(f"wrote {output} and {output.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return report

@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -408,6 +408,19 @@ class TrainingSet:
             self.padding = (self.padding or []) + [round(share, 4)]
         return batches
 
+    def record(self) -> dict:
+        """What the training record says about the rows as trained: class weights, length bucketing, padding and
+        training speed."""
+        speed = self.samples_seen / self.step_seconds if self.step_seconds else None
+        return {
+            "class_weights": None
+            if self.class_weights is None
+            else [round(float(w), 4) for w in self.class_weights],
+            "length_bucketing": self.lengths is not None,
+            "padding_share": round(sum(self.padding) / len(self.padding), 4) if self.padding else None,
+            "train_samples_per_second": round(speed, 2) if speed else None,
+        }
+
     def batch(self, indices: list[int]) -> list:
         """The examples of a batch; images freshly augmented."""
         chosen = [self.examples[index] for index in indices]
@@ -587,103 +600,23 @@ def _train(config: TrainConfig, recipe: dict, notify) -> dict:
     train_examples, dev_examples, labels, skipped = read_training_data(config, notify)
     notify(describe_recipe(recipe))
     model = build_model(config, labels)
-    weights = layer_weights(model.num_layers, config.layer_weights)
-    heads = model.exits.heads
-    balance = config.class_balance
-    training_set = TrainingSet(
-        examples=train_examples,
-        lengths=token_lengths(model, train_examples) if config.length_bucketing else None,
-        draw_weights=(
-            row_weights(train_examples, labels, config.task, config.balance_power)
-            if balance == "sampler"
-            else None
-        ),
-        class_weights=(
-            class_weights(train_examples, labels, config.task, config.balance_power)
-            if balance == "weights"
-            else None
-        ),
-        augment=augmentation(config.augment),
-        rng=random.Random(config.seed),
-    )
-
+    training_set = build_training_set(config, model, train_examples, labels)
     history: list[dict] = []
-    kept: list[dict] = []
     started = time.perf_counter()
-    stage_args = (weights, config.distill_weight, training_set, dev_examples, history)
-    if not config.two_stage:
-        if config.freeze_backbone:
-            model.backbone.requires_grad_(False)
-        groups = [{"params": model.exits.parameters(), "lr": config.head_learning_rate}]
-        if not config.freeze_backbone:
-            groups.append({"params": model.backbone.parameters(), "lr": config.learning_rate})
-        kept.append(train_stage(model, config, "joint", config.epochs, groups, *stage_args))
-    else:
-        # Stage 1: fine-tune the backbone for the final exit alone, as a plain classifier would be trained, so
-        # early-exit losses cannot pull the full-depth prediction down (DeeBERT's two-stage scheme).
-        final_only = torch.zeros(model.num_layers)
-        final_only[-1] = 1.0
-        groups = [
-            {"params": heads[-1].parameters(), "lr": config.head_learning_rate},
-            {"params": model.backbone.parameters(), "lr": config.learning_rate},
-        ]
-        kept.append(
-            train_stage(model, config, "backbone", config.epochs, groups, final_only, 0.0, *stage_args[2:])
-        )
-        # Stage 2: the backbone and the final head stay as stage 1 left them; the other heads learn to
-        # approximate them (labels, plus the final exit's soft labels with --distill-weight).
-        model.backbone.requires_grad_(False)
-        heads[-1].requires_grad_(False)
-        groups = [
-            {"params": [p for head in heads[:-1] for p in head.parameters()], "lr": config.head_learning_rate}
-        ]
-        kept.append(
-            train_stage(model, config, "heads", config.stage2_epochs or config.epochs, groups, *stage_args)
-        )
-
+    kept = run_stages(model, config, training_set, dev_examples, history)
+    seconds = time.perf_counter() - started
     model.eval()
-    speed = training_set.samples_seen / training_set.step_seconds if training_set.step_seconds else None
     model.spec.training = {
-        "backbone": config.backbone,
-        "recipe": recipe,
-        "train": str(config.train_path),
-        "dev": str(config.dev_path),
+        **recorded_settings(config, recipe),
         "train_samples": len(train_examples),
         "dev_samples": len(dev_examples),
-        "max_samples": config.max_samples,
-        "max_dev_samples": config.max_dev_samples,
         "skipped_rows": skipped,
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "learning_rate": config.learning_rate,
-        "head_learning_rate": config.head_learning_rate,
-        "max_length": config.max_length,
-        "augment": config.augment,
-        "class_balance": config.class_balance,
-        "balance_power": config.balance_power,
-        "class_weights": (
-            [round(float(w), 4) for w in training_set.class_weights]
-            if training_set.class_weights is not None
-            else None
-        ),
-        "freeze_backbone": config.freeze_backbone,
-        "layer_weights": config.layer_weights,
-        "distill_weight": config.distill_weight,
-        "distill_temperature": config.distill_temperature,
-        "early_stopping": config.early_stopping,
-        "two_stage": config.two_stage,
-        "stage2_epochs": (config.stage2_epochs or config.epochs) if config.two_stage else None,
         "selection_metric": SELECTION_METRICS[config.task],
         "kept_epochs": {record["stage"]: record["epoch"] for record in kept},
         "dev_accuracy_per_exit": kept[-1]["dev_accuracy_per_exit"],
-        "seed": config.seed,
         "threads": torch.get_num_threads(),
-        "length_bucketing": training_set.lengths is not None,
-        "padding_share": (
-            round(sum(training_set.padding) / len(training_set.padding), 4) if training_set.padding else None
-        ),
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "train_samples_per_second": round(speed, 2) if speed else None,
+        **training_set.record(),
+        "train_seconds": round(seconds, 1),
         "history": history,
     }
     Path(config.output).mkdir(parents=True, exist_ok=True)
@@ -693,4 +626,90 @@ def _train(config: TrainConfig, recipe: dict, notify) -> dict:
         "labels": labels,
         "num_layers": model.num_layers,
         **model.spec.training,
+    }
+
+
+def build_training_set(
+    config: TrainConfig, model: EarlyExitModel, examples: list, labels: list[str]
+) -> TrainingSet:
+    """The training rows with their token lengths (length bucketing), class balance and image augmentation."""
+    balance, power = config.class_balance, config.balance_power
+    return TrainingSet(
+        examples=examples,
+        lengths=token_lengths(model, examples) if config.length_bucketing else None,
+        draw_weights=row_weights(examples, labels, config.task, power) if balance == "sampler" else None,
+        class_weights=class_weights(examples, labels, config.task, power) if balance == "weights" else None,
+        augment=augmentation(config.augment),
+        rng=random.Random(config.seed),
+    )
+
+
+def run_stages(
+    model: EarlyExitModel,
+    config: TrainConfig,
+    training_set: TrainingSet,
+    dev_examples: list,
+    history: list[dict],
+) -> list[dict]:
+    """Train jointly, or in two stages with `config.two_stage`; return each stage's kept epoch record."""
+    weights = layer_weights(model.num_layers, config.layer_weights)
+    heads = model.exits.heads
+    stage_args = (weights, config.distill_weight, training_set, dev_examples, history)
+    if not config.two_stage:
+        if config.freeze_backbone:
+            model.backbone.requires_grad_(False)
+        groups = [{"params": model.exits.parameters(), "lr": config.head_learning_rate}]
+        if not config.freeze_backbone:
+            groups.append({"params": model.backbone.parameters(), "lr": config.learning_rate})
+        return [train_stage(model, config, "joint", config.epochs, groups, *stage_args)]
+    # Stage 1: fine-tune the backbone for the final exit alone, as a plain classifier would be trained, so
+    # early-exit losses cannot pull the full-depth prediction down (DeeBERT's two-stage scheme).
+    final_only = torch.zeros(model.num_layers)
+    final_only[-1] = 1.0
+    groups = [
+        {"params": heads[-1].parameters(), "lr": config.head_learning_rate},
+        {"params": model.backbone.parameters(), "lr": config.learning_rate},
+    ]
+    first = train_stage(model, config, "backbone", config.epochs, groups, final_only, 0.0, *stage_args[2:])
+    # Stage 2: the backbone and the final head stay as stage 1 left them; the other heads learn to
+    # approximate them (labels, plus the final exit's soft labels with --distill-weight).
+    model.backbone.requires_grad_(False)
+    heads[-1].requires_grad_(False)
+    groups = [
+        {"params": [p for head in heads[:-1] for p in head.parameters()], "lr": config.head_learning_rate}
+    ]
+    second = train_stage(model, config, "heads", config.stage2_epochs or config.epochs, groups, *stage_args)
+    return [first, second]
+
+
+# TrainConfig fields the training record does not copy: the task and pooling are the model's own fields, the
+# output is the model directory itself, the data paths are recorded as `train` and `dev`, threads and length
+# bucketing as they took effect, and stage-2 epochs only for two-stage training.
+NOT_RECORDED = (
+    "task",
+    "train_path",
+    "dev_path",
+    "output",
+    "pooling",
+    "warmup_ratio",
+    "skip_invalid",
+    "threads",
+    "length_bucketing",
+    "stage2_epochs",
+)
+
+
+def recorded_settings(config: TrainConfig, recipe: dict) -> dict:
+    """The settings part of the training record (epee.yaml `training`): the recipe, the data files and every
+    TrainConfig field that decides what is trained."""
+    settings = {
+        field.name: getattr(config, field.name) for field in fields(config) if field.name not in NOT_RECORDED
+    }
+    return {
+        "backbone": settings.pop("backbone"),
+        "recipe": recipe,
+        "train": str(config.train_path),
+        "dev": str(config.dev_path),
+        **settings,
+        "stage2_epochs": (config.stage2_epochs or config.epochs) if config.two_stage else None,
     }
