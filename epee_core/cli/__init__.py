@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .calibrate import add_calibrate
-from .common import USER_ERRORS, CommandError
+from .common import user_errors
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise in a CLI
     try:
         args.run(args)
-    except (*USER_ERRORS, CommandError) as error:
+    except user_errors() as error:  # evaluated only when something was raised: no torch import for --help
         print(f"epee: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -12,7 +12,8 @@ def add_loadtest(commands) -> None:
 
     parser = commands.add_parser(
         "loadtest",
-        help="Locust load tests on a local TorchServe: clinical-day load, SLO gate, EPEE vs full comparison",
+        help="Locust load tests on a local TorchServe: run (clinical-day load), check (SLO gate), compare (EPEE "
+        "vs full), soak",
         description="Headless Locust runs of load_tests/locustfile.py with the clinical-day shape (morning "
         "ramp, clinic hours, ward-round burst, evening tail), bounded by --peak-users and --duration, against "
         "http://127.0.0.1 only. Payload weights and think time: EPEE_* variables (load_tests/README.md).",
