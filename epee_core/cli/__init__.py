@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epee", description="Early-exit serving of biomedical transformers."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="`epee COMMAND --help` shows its flags"
+    )
     for add in COMMANDS:
         add(commands)
     return parser

@@ -18,7 +18,9 @@ def add_loadtest(commands) -> None:
         "ramp, clinic hours, ward-round burst, evening tail), bounded by --peak-users and --duration, against "
         "http://127.0.0.1 only. Payload weights and think time: EPEE_* variables (load_tests/README.md).",
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="`ACTION --help` shows its flags"
+    )
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)

@@ -45,7 +45,7 @@ def run_package(args) -> None:
 
 
 # `epee deploy` actions, listed in `epee --help`.
-DEPLOY_ACTIONS = ("register", "scale", "describe", "list", "unregister", "set-default", "rollout")
+DEPLOY_ACTIONS = ("register", "scale", "unregister", "list", "describe", "set-default", "rollout")
 NAMED_MODEL_ACTIONS = ("scale", "describe", "unregister", "set-default")  # --name NAME, or NAME positionally
 
 
@@ -53,7 +53,9 @@ def add_deploy(commands) -> None:
     parser = commands.add_parser(
         "deploy", help=f"models on a running TorchServe: {', '.join(DEPLOY_ACTIONS)}"
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="`ACTION --help` shows its flags"
+    )
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)
