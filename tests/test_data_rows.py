@@ -215,5 +215,7 @@ def test_multi_label_sample_is_stratified_by_label_set():
 def test_bad_json_message_is_whole_with_its_column(tmp_path):
     """The decoder's message alone stops mid-sentence ("Invalid control character at"): the column ends it."""
     path = write_lines(tmp_path / "d.jsonl", [GOOD, '{"text": "tab\there", "label": "yes"}'])
-    with pytest.raises(UnusableRowsError, match=r":2: not valid JSON \(Invalid control character at column 14\);"):
+    with pytest.raises(
+        UnusableRowsError, match=r":2: not valid JSON \(Invalid control character at column 14\);"
+    ):
         read_task_examples(path, "text-classification", "eval")
