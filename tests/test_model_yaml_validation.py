@@ -112,6 +112,15 @@ def test_deploy_register_refuses_an_archive_with_a_misspelt_key_before_asking_th
     )
 
 
+def test_deploy_register_finds_the_model_store_of_config_properties(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.properties").write_text("model_store=archives\n")
+    (tmp_path / "archives").mkdir()
+    write_archive(tmp_path / "archives" / "tiny.mar", "batchsize: 4\nepee:\n  policy: epee\n")
+    monkeypatch.chdir(tmp_path)
+    code = main(["deploy", "register", "--mar", "tiny.mar", "--management-url", "http://127.0.0.1:9"])
+    assert code == 2 and "unknown key 'batchsize'" in capsys.readouterr().err
+
+
 def test_deploy_rollout_checks_the_new_archive_too(tmp_path, capsys):
     write_archive(tmp_path / "tiny.mar", "epee:\n  policy: epee\ncontinuousBatching: sure\n")
     code = main(["deploy", "rollout", "--mar", "tiny.mar", "--name", "tiny", "--model-store", str(tmp_path),

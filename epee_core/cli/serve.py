@@ -80,9 +80,9 @@ def add_deploy(commands) -> None:
         sub.add_argument("--mar", required=True, help=f"{what} in the model store (NAME.mar)")
         sub.add_argument(
             "--model-store",
-            default="model_store",
-            help="where that archive is on this machine (default model_store, as `epee package` writes it): "
-            "its model YAML is checked before TorchServe is asked; an archive not found here is not checked",
+            help="where that archive is on this machine (default: ./config.properties' model_store, else "
+            "model_store): its model YAML is checked before TorchServe is asked; an archive not found here is "
+            "left to the worker's own check",
         )
 
     register = action("register", "register a .mar from the model store and start its workers")
@@ -145,10 +145,15 @@ def deploy_model(args) -> tuple[str, str | None]:
 
 
 def check_local_archive(args) -> None:
-    """The archive's model YAML checked as a worker will check it, when the archive is in `--model-store`."""
+    """The archive's model YAML checked as a worker will check it, when the archive is in the model store."""
     from ..ops.packaging import check_archive
+    from ..ops.torchserve import read_properties
 
-    path = Path(args.model_store) / args.mar
+    store = args.model_store
+    if store is None:
+        started_here = Path("config.properties")
+        store = read_properties(started_here).get("model_store") if started_here.is_file() else None
+    path = Path(store or "model_store") / args.mar
     if path.is_file():
         check_archive(path)
 
