@@ -6,6 +6,7 @@ Errors a user can cause (bad file, YAML, policy or value) print one line `epee: 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .calibrate import add_calibrate
@@ -41,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_progress_bars() -> None:
+    """No "Loading weights" bars on every model load: noise in a CLI. Transformers reads the setting when it is
+    imported; a command that never loads a model never imports it."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise in a CLI
+    quiet_progress_bars()
     try:
         args.run(args)
     except user_errors() as error:  # evaluated only when something was raised: no torch import for --help

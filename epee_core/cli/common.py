@@ -25,11 +25,16 @@ class CommandError(Exception):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions a user's input causes (bad file, YAML, policy or value): one line `epee: error: ...`."""
-    from ..engine.inputs import InputError
-    from ..engine.policies import PolicyError
+    """The exceptions a user's input causes (bad file, YAML, policy or value): one line `epee: error: ...`.
 
-    return (ConfigError, PolicyError, InputError, CommandError)
+    `PolicyError` and `InputError` live in modules that import torch; only code that imported them can raise
+    them, so they count once loaded, and a failing `epee deploy` reports its error without loading torch."""
+    errors: list[type[Exception]] = [ConfigError, CommandError]
+    for module, name in (("engine.policies", "PolicyError"), ("engine.inputs", "InputError")):
+        loaded = sys.modules.get(f"epee_core.{module}")
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
 
 
 def warn(message: str) -> None:
