@@ -1,7 +1,8 @@
 """The shared TorchServe handler: base_handler's life cycle around an `epee_core` service.
 
-initialize → read and validate the model YAML's `epee:` section, load the model directory from the archive onto
-the worker's device (`cuda:{gpu_id}` when TorchServe gives the worker a GPU and CUDA is there, else the CPU);
+initialize → read and validate the model YAML (TorchServe's keys and the `epee:` section), load the model
+directory from the archive onto the worker's device (`cuda:{gpu_id}` when TorchServe gives the worker a GPU and
+CUDA is there, else the CPU);
 preprocess → the service decodes and validates each request on its own (plain or Open Inference Protocol);
 inference → the service runs the valid requests through the engine (grouped by policy, failures isolated per
 request); postprocess → answers, per-request status, batch headers, request log lines and metrics. `handle` keeps anything that still escapes from failing the
@@ -63,9 +64,8 @@ class EarlyExitHandler(BaseHandler):
     def initialize(self, context) -> None:
         self.context = context
         self.manifest = context.manifest
-        yaml_config = context.model_yaml_config or {}
-        config = ServeConfig.from_section(
-            yaml_config.get("epee"), source=f"{context.model_name} model YAML 'epee:'"
+        config = ServeConfig.from_model_yaml(
+            context.model_yaml_config or {}, source=f"{context.model_name} model YAML"
         )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -76,11 +76,10 @@ class EarlyExitHandler(BaseHandler):
         )
         version = (self.manifest or {}).get("model", {}).get("modelVersion")
         self.service = self.service_class(model, config, model_name=context.model_name, model_version=version)
-        continuous = bool(yaml_config.get("continuousBatching", False))
+        continuous = bool((context.model_yaml_config or {}).get("continuousBatching", False))
         self.batcher = ContinuousBatcher(self.service, config.scheduler_limits) if continuous else None
-        self.streaming: set[str] = (
-            set()
-        )  # requests that were sent a continuing chunk (their head is committed)
+        # requests that were sent a continuing chunk (their head is committed)
+        self.streaming: set[str] = set()
         self.first_rows: dict[str, object] = {}  # continuous: each running request's body, for its log line
         self.initialized = True
         spec = self.service.spec

@@ -17,6 +17,7 @@ from epee_core.calibration.certify import (
     certify,
     exact_pvalue,
     exact_upper,
+    min_test_rows,
     paired_losses,
     risk_path,
     risk_pvalue,
@@ -304,3 +305,9 @@ def test_settings_tied_on_the_ordering_rows_are_tested_costliest_first():
     scores = np.array([0.0, 0.0, 0.0, 0.5])  # three settings lost nothing on the ordering rows
     costs = np.array([1.5, 3.0, 2.0, 1.0])
     assert risk_path(scores, costs, num_layers=6) == [1, 2, 0, 3]  # the risky cheapest one comes last
+
+
+def test_min_test_rows_is_where_no_changed_row_certifies_the_budget():
+    needed = min_test_rows(0.01, 0.1)
+    assert needed == 230  # docs/calibration.md
+    assert (1 - 0.01) ** needed <= 0.1 < (1 - 0.01) ** (needed - 1)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import DEMO_DATA, save_tiny_backbone
 from transformers import AutoTokenizer
 
-from epee_core.cli import main
+from epee_core.cli import build_parser, main
+from epee_core.cli.calibrate import few_rows_warning
+from epee_core.cli.serve import deploy_model
+from epee_core.ops.demo import render_demo
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +225,7 @@ def bad_rows_file(tmp_path) -> str:
 
 
 BAD_ROWS_MESSAGE = (
-    "{path}:3: not valid JSON (Expecting property name enclosed in double quotes); other unusable rows: "
+    "{path}:3: not valid JSON (Expecting property name enclosed in double quotes at column 2); other unusable rows: "
     "unknown label 'maybe': 2; --skip-invalid leaves unusable rows out"
 )
 SKIPPED = {"unknown label 'maybe'": 2, "invalid JSON": 1}
@@ -283,7 +291,7 @@ def test_train_stops_at_unusable_rows_or_skips_and_records_them(tiny_backbone_di
     argv += ["--dev", data, "--output", str(output), "--epochs", "1"]
     err = one_line_error(capsys, argv)
     assert err == (
-        f"epee: error: {data}:3: not valid JSON (Expecting property name enclosed in double quotes); "
+        f"epee: error: {data}:3: not valid JSON (Expecting property name enclosed in double quotes at column 2); "
         "--skip-invalid leaves unusable rows out"
     )
     assert not output.exists()
@@ -292,3 +300,151 @@ def test_train_stops_at_unusable_rows_or_skips_and_records_them(tiny_backbone_di
     assert summary["skipped_rows"] == {"train": {"invalid JSON": 1}, "dev": {"invalid JSON": 1}}
     record = (output / "epee.yaml").read_text()
     assert "invalid JSON: 1" in record
+
+
+# --- the command line's surface: help, argument conventions, output order --------------------------------------
+
+
+def all_parsers(parser: argparse.ArgumentParser, path: str = "epee"):
+    """(command path, parser) for the top-level parser and every sub-command, nested ones included."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from all_parsers(sub, f"{path} {name}")
+
+
+def test_every_argument_of_every_command_has_help_text():
+    missing = [
+        f"{path} {'/'.join(action.option_strings) or action.dest}"
+        for path, parser in all_parsers(build_parser())
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not (action.help or "").strip()
+    ]
+    assert missing == []
+
+
+def test_top_level_help_lists_every_command_including_nested_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listing = capsys.readouterr().out
+    nested = [path.split()[-1] for path, _ in all_parsers(build_parser()) if path != "epee"]
+    assert {"rollout", "set-default", "soak"} <= set(nested)
+    assert [name for name in nested if name not in listing] == []
+
+
+# Run in a fresh interpreter: this test module has imported torch already.
+NO_TORCH_FOR_HELP = """
+import argparse, contextlib, io, sys
+from epee_core.cli import build_parser
+
+def command_paths(parser, path=()):
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from command_paths(sub, (*path, name))
+
+for path in list(command_paths(build_parser())):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        build_parser().parse_args([*path, "--help"])
+print(sorted(name for name in ("torch", "transformers") if name in sys.modules))
+"""
+
+
+def test_building_the_parser_and_printing_any_help_imports_no_torch():
+    """`epee --help` and every `epee COMMAND --help` stay fast: torch is imported where a command runs."""
+    checkout = str(Path(__file__).resolve().parents[1])
+    environment = {**os.environ, "PYTHONPATH": checkout}
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_FOR_HELP], capture_output=True, text=True, env=environment, check=True
+    )
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["describe", "--name", "ade"], ("ade", None)),
+        (["describe", "ade", "--version", "all"], ("ade", "all")),
+        (["scale", "--name", "ade", "--min-workers", "2"], ("ade", None)),
+        (["unregister", "ade", "--version", "2.0"], ("ade", "2.0")),
+        (["set-default", "--name", "ade", "--version", "2.0"], ("ade", "2.0")),
+        (["set-default", "ade", "2.0"], ("ade", "2.0")),
+    ],
+)
+def test_deploy_actions_take_the_model_as_name_flag_or_positional(argv, expected):
+    assert deploy_model(build_parser().parse_args(["deploy", *argv])) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["describe"], "deploy describe: name the model with --name NAME"),
+        (["describe", "ade", "--name", "other"], "--name other and the positional ade disagree"),
+        (["set-default", "--name", "ade"], "deploy set-default: give the version to serve with --version"),
+    ],
+)
+def test_deploy_without_a_model_name_is_one_line_before_any_server_call(capsys, argv, message):
+    err = one_line_error(capsys, ["deploy", *argv, "--management-url", "http://127.0.0.1:9"])
+    assert message in err
+
+
+def test_train_with_an_unknown_backbone_prints_nothing_before_its_error(tmp_path, capsys):
+    data = str(DEMO_DATA / "ade_demo_dev.jsonl")
+    capsys.readouterr()
+    code = main(["train", "--task", "text-classification", "--backbone", "bert-base", "--train", data,
+                 "--dev", data, "--output", str(tmp_path / "model")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.startswith("epee: error: backbone 'bert-base': not a directory and not one of minilm")
+    assert captured.err.count("\n") == 1
+
+
+def calibrate_args(*options: str) -> argparse.Namespace:
+    return build_parser().parse_args(["calibrate", "--model", "m", "--data", "d", "--output", "o", *options])
+
+
+def test_uncertified_calibration_on_fewer_rows_than_a_certificate_needs_warns():
+    warning = few_rows_warning(calibrate_args("--guarantee", "none"), 35)
+    assert warning.startswith(
+        "--guarantee none chose on 35 calibration rows, where one row moves the accuracy"
+    )
+    assert "at least 230 test rows" in warning  # ε = 0.01, δ = 0.1: (1 - ε)^n ≤ δ
+
+
+def test_uncertified_calibration_on_enough_rows_or_certified_does_not_warn():
+    assert few_rows_warning(calibrate_args("--guarantee", "none"), 230) is None
+    assert few_rows_warning(calibrate_args(), 35) is None  # certified: the certificate says what holds
+    assert few_rows_warning(calibrate_args("--guarantee", "none", "--target-speedup", "2"), 35) is None
+
+
+def test_calibrate_prints_the_few_rows_warning_on_stderr_as_one_line(monkeypatch, capsys):
+    import epee_core.calibration
+
+    monkeypatch.setattr(
+        epee_core.calibration, "run_calibration", lambda job: {"split": {"calibration_samples": 24}}
+    )
+    assert (
+        main(["calibrate", "--model", "m", "--data", "d", "--output", "o", "--guarantee", "none", "--json"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"split": {"calibration_samples": 24}}
+    assert captured.err.startswith("epee: warning: --guarantee none chose on 24 calibration rows")
+    assert captured.err.count("\n") == 1
+
+
+def demo_result(running_in: str | None) -> dict:
+    row = {"text": "Severe rash after amoxicillin.", "label": "adverse_event", "probability": 0.9,
+           "exit_layer": 2, "num_layers": 6, "latency_ms": 5.0}  # fmt: skip
+    return {"rows": [row], "policy": "epee", "mean_exit_layer": 2, "num_layers": 6, "mean_latency_ms": 5.0,
+            "mean_full_latency_ms": 9.0, "agree_with_annotation": 1, "seconds": 1.0, "inference_key": "k",
+            "inference_url": "http://127.0.0.1:8080/predictions/ade-minilm", "running_in": running_in}  # fmt: skip
+
+
+def test_demo_that_keeps_running_says_how_to_stop_it_after_its_table():
+    lines = render_demo(demo_result("/work/demo")).splitlines()
+    assert lines[-1] == "TorchServe keeps running; stop it with `torchserve --stop` in /work/demo"
+    assert lines[0].startswith("text")  # the table comes first
+    assert "torchserve --stop" not in render_demo(demo_result(None))

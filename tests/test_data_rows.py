@@ -28,7 +28,7 @@ def test_bad_json_stops_at_the_first_row_and_counts_the_rows_like_it(tmp_path):
     with pytest.raises(UnusableRowsError) as raised:
         read_task_examples(path, "text-classification", "eval")
     assert str(raised.value) == (
-        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes) (and 1 more row like it); "
+        f"{path}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2) (and 1 more row like it); "
         "other unusable rows: missing field 'label': 1; --skip-invalid leaves unusable rows out"
     )
     assert raised.value.skipped_rows == {"invalid JSON": 2, "missing field 'label'": 1}
@@ -202,3 +202,12 @@ def test_multi_label_sample_is_stratified_by_label_set():
     examples = [Example(str(i), labels=["a"] if i % 4 else []) for i in range(400)]
     sample = stratified_sample(examples, 40, "multi-label", seed=3)
     assert Counter(tuple(example.labels) for example in sample) == {("a",): 30, (): 10}
+
+
+def test_bad_json_message_is_whole_with_its_column(tmp_path):
+    """The decoder's message alone stops mid-sentence ("Invalid control character at"): the column ends it."""
+    path = write_lines(tmp_path / "d.jsonl", [GOOD, '{"text": "tab\there", "label": "yes"}'])
+    with pytest.raises(
+        UnusableRowsError, match=r":2: not valid JSON \(Invalid control character at column 14\);"
+    ):
+        read_task_examples(path, "text-classification", "eval")

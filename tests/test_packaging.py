@@ -88,6 +88,19 @@ def test_bad_config_or_name_is_a_one_line_error_before_archiving(
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
 
 
+def test_misspelt_torchserve_key_is_refused_before_archiving(model_dir, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"batchsize": 4, "epee": {"policy": "epee"}}))
+    code = main(["package", "--model", str(model_dir), "--config", str(config), "--name", "tiny",
+                 "--export-path", str(tmp_path / "store")])  # fmt: skip
+    assert code == 2
+    assert (
+        capsys.readouterr().err
+        == f"epee: error: {config}: unknown key 'batchsize' (did you mean 'batchSize'?)\n"
+    )
+    assert not (tmp_path / "store").exists()
+
+
 def test_management_token_prefers_flag_then_environment_then_key_file(tmp_path, monkeypatch):
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"management": {"key": "from-file"}, "inference": {"key": "other"}}))

@@ -46,6 +46,7 @@ risk is 0 by definition.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -106,6 +107,14 @@ def binomial_upper(k: int, n: int, delta: float) -> float:
 def binomial_lower(k: int, n: int, delta: float) -> float:
     """One-sided Clopper–Pearson lower bound, at level 1 − δ."""
     return 0.0 if k <= 0 else float(stats.beta.ppf(delta, k, n - k + 1))
+
+
+def min_test_rows(epsilon: float, delta: float) -> int:
+    """The fewest test rows that can certify a budget ε at risk δ: even with no prediction changed, the bound
+    reaches ε only once (1 − ε)^n ≤ δ (230 rows for ε = 0.01, δ = 0.1; docs/calibration.md)."""
+    if not (0.0 < epsilon < 1.0 and 0.0 < delta < 1.0):
+        raise ValueError(f"min_test_rows needs 0 < epsilon < 1 and 0 < delta < 1, got {epsilon}, {delta}")
+    return math.ceil(math.log(delta) / math.log1p(-epsilon))
 
 
 def binomial_pvalue(k: int, n: int, epsilon: float) -> float:

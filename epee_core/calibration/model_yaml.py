@@ -37,7 +37,7 @@ class ServingOptions:
 def model_yaml(
     spec: ModelSpec, policy: Policy, serving: ServingOptions, guarantee: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A complete model YAML for `epee package --config`, checked with `ServeConfig.from_section`; a certified
+    """A complete model YAML for `epee package --config`, checked as `epee package` checks it; a certified
     `guarantee` (kind, epsilon, delta, bound, n, method) goes into the `epee:` section for the handler to send."""
     section: dict[str, Any] = {"task": spec.task, "policy": policy.name}
     section.update({key: value for key, value in policy.params.items() if key != "min_layer" or value != 1})
@@ -58,7 +58,7 @@ def model_yaml(
         "responseTimeout": serving.response_timeout,
         "epee": section,
     }
-    ServeConfig.from_section(section, source="calibrated 'epee:' section")
+    ServeConfig.from_model_yaml(config, source="calibrated model YAML")
     return config
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data.rows import print_notice
+from ..data.rows import json_problem, print_notice
 from ..data.text import label_field, read_task_examples
 from ..engine.gate import ExitGate
 from ..engine.inputs import Example
@@ -81,7 +81,7 @@ def read_unlabelled(path: str | Path, task: str, max_samples: int | None) -> lis
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                raise ConfigError(f"{path}:{number}: {json_problem(error)}") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{number}: expected a JSON object")
             if field in record:

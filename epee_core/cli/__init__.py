@@ -6,10 +6,11 @@ Errors a user can cause (bad file, YAML, policy or value) print one line `epee: 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .calibrate import add_calibrate
-from .common import USER_ERRORS, CommandError
+from .common import user_errors
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
@@ -35,20 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epee", description="Early-exit serving of biomedical transformers."
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help="`epee COMMAND --help` shows its flags"
+    )
     for add in COMMANDS:
         add(commands)
     return parser
 
 
+def quiet_progress_bars() -> None:
+    """No "Loading weights" bars on every model load: noise in a CLI. Transformers reads the setting when it is
+    imported; a command that never loads a model never imports it."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # "Loading weights" bars on every model load are noise in a CLI
+    quiet_progress_bars()
     try:
         args.run(args)
-    except (*USER_ERRORS, CommandError) as error:
+    except user_errors() as error:  # evaluated only when something was raised: no torch import for --help
         print(f"epee: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_data_arguments, add_skip_invalid, emit, format_table
+from .common import add_model_data_arguments, add_skip_invalid, emit, format_table, warn
 
 CALIBRATE_COLUMNS = [
     ("setting", "setting"),
@@ -173,8 +173,35 @@ def calibration_job(args):
     )
 
 
+def few_rows_warning(args, calibration_rows: int) -> str | None:
+    """With `--guarantee none` and an accuracy budget ε: a warning when the choice was made on fewer rows than
+    a certificate at that budget and `--risk` would need as test rows (`certify.min_test_rows`: 230 for
+    ε = 0.01, δ = 0.1). On fewer rows, one row moves the accuracy by 1/n, more than ε/2 below 200 rows for
+    ε = 0.01, so the chosen setting's drop cannot be told apart from the budget."""
+    from ..calibration.certify import min_test_rows
+
+    epsilon = args.max_accuracy_drop
+    if (
+        args.guarantee != "none"
+        or args.target_speedup is not None
+        or not (0 < epsilon < 1 and 0 < args.risk < 1)
+    ):
+        return None
+    needed = min_test_rows(epsilon, args.risk)
+    if calibration_rows >= needed:
+        return None
+    return (
+        f"--guarantee none chose on {calibration_rows} calibration rows, where one row moves the accuracy by "
+        f"{1 / calibration_rows:.3f}: too few to tell a drop of {epsilon:g} apart (a certificate at this budget "
+        f"and --risk needs at least {needed} test rows; docs/calibration.md); use more dev rows"
+    )
+
+
 def run_calibrate(args) -> None:
     from ..calibration import run_calibration
 
     report = run_calibration(calibration_job(args))
     emit(report, args.json, render_calibration)
+    warning = few_rows_warning(args, report["split"]["calibration_samples"])
+    if warning:
+        warn(warning)

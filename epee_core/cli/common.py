@@ -6,23 +6,46 @@ Errors a user can cause (bad file, YAML, policy or value) print one line `epee: 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..engine.inputs import InputError
-from ..engine.policies import POLICY_NAMES, Policy, PolicyError, make_policy
 from ..engine.spec import ConfigError
-from ..serving.config import ServeConfig
 
-USER_ERRORS = (ConfigError, PolicyError, InputError)
+if TYPE_CHECKING:
+    from ..engine.policies import Policy
+    from ..serving.config import ServeConfig
+
+# Building the parser imports no torch (`epee --help` stays fast): modules that need it are imported where a
+# command runs.
 
 
 class CommandError(Exception):
     """A failure the user must act on (server down, unknown model...); printed as one line, exit 2."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a user's input causes (bad file, YAML, policy or value): one line `epee: error: ...`.
+
+    `PolicyError` and `InputError` live in modules that import torch; only code that imported them can raise
+    them, so they count once loaded, and a failing `epee deploy` reports its error without loading torch."""
+    errors: list[type[Exception]] = [ConfigError, CommandError]
+    for module, name in (("engine.policies", "PolicyError"), ("engine.inputs", "InputError")):
+        loaded = sys.modules.get(f"epee_core.{module}")
+        if loaded is not None:
+            errors.append(getattr(loaded, name))
+    return tuple(errors)
+
+
+def warn(message: str) -> None:
+    """A warning for the user of a command: one line `epee: warning: ...` on stderr."""
+    print(f"epee: warning: {message}", file=sys.stderr)
+
+
 def parse_set_values(pairs: list[str]) -> dict[str, str]:
     """`--set KEY=VALUE` pairs as a dict of strings (types are checked by the policy)."""
+    from ..engine.policies import PolicyError
+
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -34,6 +57,9 @@ def parse_set_values(pairs: list[str]) -> dict[str, str]:
 
 def policies_from_args(names: str | None, set_pairs: list[str], config_path: str | None) -> list[Policy]:
     """Policies named by `--policy a,b`, starting from a model YAML's `epee:` section (`--config`) and `--set`."""
+    from ..engine.policies import POLICY_NAMES, PolicyError, make_policy
+    from ..serving.config import ServeConfig
+
     base_params: dict[str, Any] = {}
     default_name = "epee"
     if config_path:

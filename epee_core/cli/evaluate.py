@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-from ..engine.policies import POLICY_NAMES, PolicyError
-from ..serving.config import ServeConfig
 from .common import (
     CommandError,
     add_model_data_arguments,
@@ -37,14 +35,15 @@ def add_evaluate(commands) -> None:
         parser, "labelled JSONL file; images: MedMNIST .npz (test_* if present, else val_*) or image folder"
     )
     parser.add_argument(
-        "--policy", help=f"one or more of {','.join(POLICY_NAMES)}, comma-separated (default: epee)"
+        "--policy",
+        help='policy names, comma-separated (default: epee; the policies: docs/design.md, "Policies")',
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="policy parameter")
     parser.add_argument(
         "--config", help="model YAML whose 'epee:' section gives the policy and its parameters"
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-samples", type=int)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per engine call (default 8)")
+    parser.add_argument("--max-samples", type=int, help="use only the first N examples")
     add_quantize_argument(parser, "run the model in int8")
     add_skip_invalid(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -54,6 +53,7 @@ def add_evaluate(commands) -> None:
 def run_evaluate(args) -> None:
     from ..engine.model import EarlyExitModel
     from ..evaluation.evaluate import evaluate_policies
+    from ..serving.config import ServeConfig
 
     policies = policies_from_args(args.policy, args.set, args.config)
     serve = ServeConfig.load(args.config) if args.config else None
@@ -170,8 +170,10 @@ def run_bench(args) -> None:
     if args.arrival_rate:
         return run_open_loop_bench(args)
     from ..engine.model import EarlyExitModel
+    from ..engine.policies import PolicyError
     from ..measure import bench
     from ..measure.loadtest import default_report_dir
+    from ..serving.config import ServeConfig
 
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     serve = ServeConfig.load(args.config) if args.config else None
@@ -207,6 +209,7 @@ def run_open_loop_bench(args) -> None:
     from ..engine.spec import read_yaml
     from ..measure import openloop
     from ..measure.loadtest import default_report_dir
+    from ..serving.config import ServeConfig
 
     serve = ServeConfig.load(args.config) if args.config else ServeConfig()
     yaml_config = read_yaml(args.config) if args.config else {}

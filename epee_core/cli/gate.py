@@ -13,7 +13,12 @@ def add_train_gate(commands) -> None:
     parser.add_argument("--model", required=True, help="model directory (gate.safetensors is written there)")
     parser.add_argument("--data", required=True, help="training JSONL file (never the rows you calibrate on)")
     parser.add_argument("--max-samples", type=int, help="use only the first N examples")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="rows per engine call while caching exit logits (default 32)",
+    )
     parser.add_argument(
         "--held-out-fraction",
         type=float,
@@ -27,7 +32,9 @@ def add_train_gate(commands) -> None:
         help="logistic regression class weights (default balanced: on ADE the same ranking (AUC) but thresholds "
         "spread over the grid, and a faster certified setting than unweighted)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the held-out split and the fit (default 0)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_train_gate)
 

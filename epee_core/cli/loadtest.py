@@ -12,12 +12,15 @@ def add_loadtest(commands) -> None:
 
     parser = commands.add_parser(
         "loadtest",
-        help="Locust load tests on a local TorchServe: clinical-day load, SLO check, EPEE vs full comparison",
+        help="Locust load tests on a local TorchServe: run (clinical-day load), check (SLO check), compare (EPEE "
+        "vs full), soak",
         description="Headless Locust runs of load_tests/locustfile.py with the clinical-day shape (morning "
         "ramp, clinic hours, ward-round burst, evening tail), bounded by --peak-users and --duration, against "
         "http://127.0.0.1 only. Payload weights and think time: EPEE_* variables (load_tests/README.md).",
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="`ACTION --help` shows its flags"
+    )
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text, description=help_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import CommandError, emit, format_table
 
@@ -49,14 +50,21 @@ def run_package(args) -> None:
     )
 
 
+# `epee deploy` actions, listed in `epee --help`.
+DEPLOY_ACTIONS = ("register", "scale", "unregister", "list", "describe", "set-default", "rollout")
+NAMED_MODEL_ACTIONS = ("scale", "describe", "unregister", "set-default")  # --name NAME, or NAME positionally
+
+
 def add_deploy(commands) -> None:
     parser = commands.add_parser(
-        "deploy", help="register, scale, describe, list, unregister models on TorchServe"
+        "deploy", help=f"models on a running TorchServe: {', '.join(DEPLOY_ACTIONS)}"
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="`ACTION --help` shows its flags"
+    )
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help_text)
+        sub = actions.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--management-url", help="management API (default $EPEE_MANAGEMENT_URL or http://127.0.0.1:8081)"
         )
@@ -66,8 +74,25 @@ def add_deploy(commands) -> None:
         sub.set_defaults(run=run_deploy, action=name)
         return sub
 
+    def model(sub: argparse.ArgumentParser, version_help: str) -> None:
+        """`--name NAME` and `--version VERSION`, as every deploy action names a model; `NAME [VERSION]` as
+        positionals still work (the older usage)."""
+        sub.add_argument("--name", help="model name (/predictions/NAME)")
+        sub.add_argument("--version", help=version_help)
+        sub.add_argument("positional_name", nargs="?", metavar="NAME", help="the same as --name NAME")
+        sub.add_argument("positional_version", nargs="?", metavar="VERSION", help="the same as --version")
+
+    def archive(sub: argparse.ArgumentParser, what: str) -> None:
+        sub.add_argument("--mar", required=True, help=f"{what} in the model store (NAME.mar)")
+        sub.add_argument(
+            "--model-store",
+            help="where that archive is on this machine (default: ./config.properties' model_store, else "
+            "model_store): its model YAML is checked before TorchServe is asked; an archive not found here is "
+            "left to the worker's own check",
+        )
+
     register = action("register", "register a .mar from the model store and start its workers")
-    register.add_argument("--mar", required=True, help="archive name in the model store (NAME.mar)")
+    archive(register, "archive")
     register.add_argument("--name", help="model name (default: the archive's)")
     register.add_argument("--batch-size", type=int, help="TorchServe batch size (default: the model YAML's)")
     register.add_argument(
@@ -81,28 +106,22 @@ def add_deploy(commands) -> None:
     )
     register.add_argument("--response-timeout", type=int, help="seconds (default: the model YAML's)")
     scale = action("scale", "set the number of workers of a model")
-    scale.add_argument("name")
-    scale.add_argument("--min-workers", type=int, required=True)
-    scale.add_argument("--max-workers", type=int, help="default: --min-workers")
-    scale.add_argument("--version")
+    model(scale, "the version to scale (default: the default version)")
+    scale.add_argument("--min-workers", type=int, required=True, help="workers to keep running")
+    scale.add_argument("--max-workers", type=int, help="most workers (default: --min-workers)")
     unregister = action("unregister", "unregister a model (or one version of it)")
-    unregister.add_argument("name")
-    unregister.add_argument("--version")
+    model(unregister, "the version to unregister (default: the default version)")
     action("list", "list the registered models")
     describe = action("describe", "workers, batch settings and status of a model")
-    describe.add_argument("name")
-    describe.add_argument("--version", help="a version, or 'all'")
+    model(describe, "a version, or 'all' (default: the default version)")
     set_default = action("set-default", "make VERSION the version that serves /predictions/NAME")
-    set_default.add_argument("name")
-    set_default.add_argument("version")
+    model(set_default, "the version to serve (required)")
     rollout = action(
         "rollout",
         "serve a new version with no request dropped: register it, make it the default, drain and "
         "unregister the old version(s)",
     )
-    rollout.add_argument(
-        "--mar", required=True, help="the new version's archive in the model store (NAME.mar)"
-    )
+    archive(rollout, "the new version's archive")
     rollout.add_argument("--name", required=True, help="the model name requests use (/predictions/NAME)")
     rollout.add_argument("--workers", type=int, default=1, help="workers of the new version (default 1)")
     rollout.add_argument(
@@ -113,9 +132,44 @@ def add_deploy(commands) -> None:
     )
 
 
+def _one_of(flag: str, option: str | None, positional: str | None) -> str | None:
+    """A value given as `flag` or as a positional; both at once must agree."""
+    if option is not None and positional is not None and option != positional:
+        raise CommandError(f"{flag} {option} and the positional {positional} disagree: give one of them")
+    return option if option is not None else positional
+
+
+def deploy_model(args) -> tuple[str, str | None]:
+    """The model NAME (and VERSION) a deploy action names, as `--name`/`--version` or positionals."""
+    name = _one_of("--name", args.name, args.positional_name)
+    version = _one_of("--version", args.version, args.positional_version)
+    if name is None:
+        raise CommandError(f"deploy {args.action}: name the model with --name NAME")
+    if version is None and args.action == "set-default":
+        raise CommandError("deploy set-default: give the version to serve with --version VERSION")
+    return name, version
+
+
+def check_local_archive(args) -> None:
+    """The archive's model YAML checked as a worker will check it, when the archive is in the model store."""
+    from ..ops.packaging import check_archive
+    from ..ops.torchserve import read_properties
+
+    store = args.model_store
+    if store is None:
+        started_here = Path("config.properties")
+        store = read_properties(started_here).get("model_store") if started_here.is_file() else None
+    path = Path(store or "model_store") / args.mar
+    if path.is_file():
+        check_archive(path)
+
+
 def run_deploy(args) -> None:
     from ..ops.management import ManagementClient, ServerError, management_token
 
+    if args.action in ("register", "rollout"):
+        check_local_archive(args)
+    name, version = deploy_model(args) if args.action in NAMED_MODEL_ACTIONS else (None, None)
     try:
         client = ManagementClient(args.management_url, management_token(args.token, args.key_file))
         if args.action == "register":
@@ -128,18 +182,18 @@ def run_deploy(args) -> None:
                 args.response_timeout,
             )
         elif args.action == "scale":
-            result = client.scale(args.name, args.min_workers, args.max_workers, args.version)
+            result = client.scale(name, args.min_workers, args.max_workers, version)
         elif args.action == "unregister":
-            result = client.unregister(args.name, args.version)
+            result = client.unregister(name, version)
         elif args.action == "list":
             result = client.list_models()
         elif args.action == "describe":
-            result = client.describe(args.name, args.version)
+            result = client.describe(name, version)
         elif args.action == "rollout":
             log = (lambda message: None) if args.json else print
             result = client.rollout(args.mar, args.name, args.workers, args.drain_timeout, log=log)
         else:
-            result = client.set_default(args.name, args.version)
+            result = client.set_default(name, version)
     except ServerError as error:
         raise CommandError(str(error)) from None
     emit(result, args.json, render_deploy)

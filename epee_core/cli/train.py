@@ -11,7 +11,7 @@ def add_train(commands) -> None:
     parser = commands.add_parser(
         "train", help="train a backbone and its exit heads on a JSONL data set (images: .npz or image folder)"
     )
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=TASKS, help="what the model predicts")
     parser.add_argument(
         "--backbone",
         required=True,
@@ -29,8 +29,8 @@ def add_train(commands) -> None:
     recipe = parser.add_argument_group(
         "recipe (default: the backbone's recipe, printed when training starts; docs/training.md)"
     )
-    recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--epochs", type=int, help="passes over the training rows")
+    recipe.add_argument("--batch-size", type=int, help="training rows per optimizer step")
     recipe.add_argument("--lr", type=float, help="backbone learning rate")
     recipe.add_argument("--head-lr", type=float, help="exit heads' learning rate")
     recipe.add_argument("--max-length", type=int, help="maximum tokens per input (text)")

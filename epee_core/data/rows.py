@@ -8,6 +8,7 @@ The whole file is scanned first; then, by default, the first unusable row stops 
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -90,6 +91,13 @@ class TaskData:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def json_problem(error: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON line, whole: `not valid JSON (Invalid control character at column 12)`.
+
+    The decoder's `msg` alone can end mid-sentence ("Invalid control character at"): the column completes it."""
+    return f"not valid JSON ({error.msg.removesuffix(' at')} at column {error.colno})"
 
 
 def unknown_label_reason(label: str) -> str:

@@ -12,7 +12,7 @@ import torch
 from ..engine.inputs import Example, InputError, model_text
 from ..engine.spec import ConfigError
 from .images import read_image_examples
-from .rows import RowProblems, TaskData, unknown_label_reason
+from .rows import RowProblems, TaskData, json_problem, unknown_label_reason
 
 # The field holding a JSONL row's gold label(s), per text task.
 LABEL_FIELDS = {"text-classification": "label", "multi-label": "labels", "relation-extraction": "relation"}
@@ -124,7 +124,7 @@ def _read_jsonl(path: Path, task: str, problems: RowProblems) -> tuple[list[Exam
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise _BadRow("invalid JSON", f"not valid JSON ({error.msg})") from None
+                    raise _BadRow("invalid JSON", json_problem(error)) from None
                 if not isinstance(record, dict):
                     raise _BadRow("not a JSON object", f"expected a JSON object, got {type(record).__name__}")
                 examples.append(_example_from_record(record, task))

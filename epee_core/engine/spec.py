@@ -45,13 +45,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """YAML text that must hold a mapping; a syntax error names `source` and the line, e.g.
+    `model.yaml, line 3, column 1: not valid YAML: expected ',' or ']' (while parsing a flow sequence)`."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        raise ConfigError(
+            f"{source}{_yaml_place(error, text)}: not valid YAML: {_yaml_problem(error)}"
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
     return data
+
+
+def _yaml_place(error: yaml.YAMLError, text: str) -> str:
+    """`, line L, column C` of a YAML error (1-based), when PyYAML knows it."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f", line {mark.line + 1}, column {mark.column + 1}"
+    position = getattr(error, "position", None)  # a reader error (a forbidden character) counts characters
+    if position is None:
+        return ""
+    line, line_start = text.count("\n", 0, position) + 1, text.rfind("\n", 0, position) + 1
+    return f", line {line}, column {position - line_start + 1}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, without its `in "<unicode string>"` locations."""
+    problem = getattr(error, "problem", None)
+    if problem is None:
+        return str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"{problem} ({context})" if context else problem
 
 
 @dataclass

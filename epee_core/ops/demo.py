@@ -182,9 +182,7 @@ def run_demo(workdir: str | Path = ".", keep_running: bool = False, retrain: boo
     except BaseException:
         server.stop()
         raise
-    if keep_running:
-        say(f"TorchServe keeps running at {server.inference_url}; stop it with `torchserve --stop` in {root}")
-    else:
+    if not keep_running:
         server.stop()
     num_layers = rows[0]["num_layers"]
     mean_exit = sum(row["exit_layer"] for row in rows) / len(rows)
@@ -199,6 +197,7 @@ def run_demo(workdir: str | Path = ".", keep_running: bool = False, retrain: boo
         "agree_with_annotation": sum(row["label"] == row["annotated"] for row in rows),
         "inference_url": f"{server.inference_url}/predictions/{DEMO_NAME}",
         "inference_key": server.keys.get("inference") if keep_running else None,
+        "running_in": str(root) if keep_running else None,  # where `torchserve --stop` finds the server
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -230,4 +229,6 @@ def render_demo(result: dict) -> str:
             f"try it: curl -H 'Authorization: Bearer {result['inference_key']}' -H 'Content-Type: application/json' "
             f'-d \'{{"text": "Severe rash after amoxicillin."}}\' {result["inference_url"]}'
         )
+    if result.get("running_in"):  # last, after the table: what to do once done with the server
+        lines.append(f"TorchServe keeps running; stop it with `torchserve --stop` in {result['running_in']}")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ safetensors: model directories holding pickled weights are refused.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,13 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import yaml
 
 from ..engine.gate import GATE_FILE
 from ..engine.model import read_model_spec
-from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
+from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec, parse_yaml
 from ..serving.config import ServeConfig
 from ..serving.service import ARCHIVE_MODEL_DIR
 
@@ -83,6 +85,23 @@ def check_inputs(model_dir: Path, config_path: Path, name: str) -> tuple[ModelSp
     if spec.task not in HANDLER_FOR_TASK:
         raise ConfigError(f"{model_dir}: no TorchServe handler for task '{spec.task}' yet")
     return spec, serve_config
+
+
+def check_archive(archive: str | Path) -> ServeConfig | None:
+    """The model YAML inside a `.mar`, checked as a worker checks it at load (TorchServe's keys and the `epee:`
+    section); None for an archive without a model YAML. Errors name the YAML and the archive."""
+    archive = Path(archive)
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            config_name = manifest.get("model", {}).get("configFile")
+            if not config_name:
+                return None
+            text = mar.read(config_name).decode("utf-8")
+    except (zipfile.BadZipFile, KeyError, ValueError, AttributeError) as error:
+        raise ConfigError(f"{archive}: not a TorchServe archive with a readable manifest ({error})") from None
+    source = f"{config_name} in {archive}"
+    return ServeConfig.from_model_yaml(parse_yaml(text, source), source)
 
 
 SCHEDULERS = ("batch", "continuous")

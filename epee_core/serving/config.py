@@ -1,8 +1,9 @@
-"""The `epee:` section of a TorchServe model YAML: the policy a model serves with and the handler's limits
-(docs/design.md, "Serving configuration")."""
+"""The TorchServe model YAML: TorchServe's model-config keys, checked, and the `epee:` section, the policy a model
+serves with and the handler's limits (docs/design.md, "Serving configuration")."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,81 @@ SERVE_KEYS = {
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrontendKey:
+    """A top-level key of the model YAML that TorchServe's frontend reads: its type and its allowed values."""
+
+    kind: type
+    minimum: int | None = None  # integers: the smallest value TorchServe keeps as given
+    choices: tuple[str, ...] = ()  # strings: the values TorchServe knows (case-insensitive, as it reads them)
+
+
+# TorchServe 0.12's model-config keys (frontend `archive/model/ModelConfig.java`). TorchServe logs a warning and
+# ignores a value of the wrong type, and clamps one out of range (`batchSize: 0` runs as 1); we refuse both.
+TORCHSERVE_KEYS = {
+    "minWorkers": FrontendKey(int, 1),
+    "maxWorkers": FrontendKey(int, 0),
+    "batchSize": FrontendKey(int, 1),
+    "maxBatchDelay": FrontendKey(int, 0),  # ms
+    "responseTimeout": FrontendKey(int, 1),  # s
+    "startupTimeout": FrontendKey(int, 1),  # s
+    "deviceType": FrontendKey(str, choices=("cpu", "gpu")),
+    "deviceIds": FrontendKey(list),
+    "parallelType": FrontendKey(str, choices=("pp", "tp", "pptp", "custom")),
+    "parallelLevel": FrontendKey(int, 0),
+    "torchrun": FrontendKey(dict),
+    "maxRetryTimeoutInSec": FrontendKey(int, 0),
+    "clientTimeoutInMills": FrontendKey(int, 0),
+    "jobQueueSize": FrontendKey(int, 0),
+    "useJobTicket": FrontendKey(bool),
+    "sequenceMaxIdleMSec": FrontendKey(int, 0),
+    "sequenceTimeoutMSec": FrontendKey(int, 0),
+    "maxSequenceJobQueueSize": FrontendKey(int, 1),
+    "maxNumSequence": FrontendKey(int, 1),
+    "continuousBatching": FrontendKey(bool),
+    "sequenceBatching": FrontendKey(bool),
+    "asyncCommunication": FrontendKey(bool),
+    "useVenv": FrontendKey(bool),
+}
+EPEE_SECTION = "epee"
+
+
+def unknown_key_error(key: str, known: list[str] | set[str] | frozenset[str], source: str) -> ConfigError:
+    """`SOURCE: unknown key 'batchsize' (did you mean 'batchSize'?)`, else the keys it may be."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if not close:  # a different case is the usual slip (`batchsize`), and difflib scores case differences low
+        close = [name for name in known if name.lower() == key.lower()]
+    hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(sorted(known))}"
+    return ConfigError(f"{source}: unknown key '{key}' ({hint})")
+
+
+def check_torchserve_keys(data: Mapping[str, Any], source: str) -> None:
+    """ConfigError unless every top-level key of a model YAML is `epee` or one of TorchServe's model-config keys,
+    with a value of its type and range."""
+    for key, value in data.items():
+        if key == EPEE_SECTION:
+            continue
+        if key not in TORCHSERVE_KEYS:
+            raise unknown_key_error(str(key), [*TORCHSERVE_KEYS, EPEE_SECTION], source)
+        rule = TORCHSERVE_KEYS[key]
+        check_type(value, key, rule.kind, source)
+        if rule.minimum is not None and value < rule.minimum:
+            raise ConfigError(f"{source}: '{key}' must be an integer >= {rule.minimum}, got {value!r}")
+        if rule.choices and value.lower() not in rule.choices:
+            raise ConfigError(f"{source}: '{key}' must be one of {', '.join(rule.choices)}, got {value!r}")
+        if key == "deviceIds" and not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+        ):
+            raise ConfigError(
+                f"{source}: 'deviceIds' must be a list of GPU numbers (integers >= 0), got {value!r}"
+            )
+    workers = data.get("minWorkers"), data.get("maxWorkers")
+    if None not in workers and workers[1] < workers[0]:
+        raise ConfigError(f"{source}: 'maxWorkers' {workers[1]} is below 'minWorkers' {workers[0]}")
+
+
 # The `guarantee:` mapping `epee calibrate` writes when it certified the policy (docs/calibration.md).
 GUARANTEE_KEYS = ("epsilon", "delta", "bound", "n", "method")
 GUARANTEE_KINDS = {"accuracy": "accuracy-drop", "consistency": "disagreement"}
@@ -140,8 +216,7 @@ class ServeConfig:
             elif key in ALL_PARAM_KEYS:
                 params[key] = value
             else:
-                allowed = ", ".join(sorted({*SERVE_KEYS, "guarantee"} | ALL_PARAM_KEYS))
-                raise ConfigError(f"{source}: unknown key '{key}' (expected one of: {allowed})")
+                raise unknown_key_error(str(key), {*SERVE_KEYS, "guarantee"} | ALL_PARAM_KEYS, source)
         task = settings.get("task")
         if task is not None and task not in TASKS:
             raise ConfigError(f"{source}: 'task' must be one of {', '.join(TASKS)}, got {task!r}")
@@ -167,12 +242,18 @@ class ServeConfig:
         return cls(policy=policy, policy_params=params, **settings)
 
     @classmethod
+    def from_model_yaml(cls, data: Mapping[str, Any], source: str) -> ServeConfig:
+        """The whole model YAML checked (TorchServe's keys and the `epee:` section); its `epee:` section read."""
+        check_torchserve_keys(data, source)
+        return cls.from_section(data.get(EPEE_SECTION), source=f"{source} '{EPEE_SECTION}:'")
+
+    @classmethod
     def load(cls, path: str | Path) -> ServeConfig:
-        """Read the `epee:` section of a model YAML file."""
+        """Read and check a model YAML file; it must have an `epee:` section."""
         data = read_yaml(path)
-        if "epee" not in data:
-            raise ConfigError(f"{path}: no 'epee:' section")
-        return cls.from_section(data["epee"], source=f"{path} 'epee:'")
+        if EPEE_SECTION not in data:
+            raise ConfigError(f"{path}: no '{EPEE_SECTION}:' section")
+        return cls.from_model_yaml(data, str(path))
 
     def check_model(self, spec: ModelSpec, source: str, model: str = "the model") -> None:
         """ConfigError unless this section can serve `spec`: the same task, a policy within its layers."""

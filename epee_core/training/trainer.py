@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..data.sampling import stratified_sample
 from ..data.text import example_labels, label_tensor, label_vocabulary, read_task_examples
-from ..engine.backbones import build_backbone
+from ..engine.backbones import build_backbone, check_backbone
 from ..engine.inputs import ENTITY_MARKERS, Example, ImageExample, add_entity_markers, model_text
 from ..engine.model import EarlyExitModel
 from ..engine.signals import predictions
@@ -117,6 +117,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.validate needs the recipe filled in (with_recipe), {missing} unset"
             )
+        check_backbone(self.backbone)
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:

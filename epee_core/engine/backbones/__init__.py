@@ -144,6 +144,14 @@ def _image_processor(path: Path, adapter: BackboneAdapter):
     return default_image_processor(adapter.image_size, adapter.num_channels)
 
 
+def check_backbone(name_or_path: str) -> None:
+    """ConfigError unless `name_or_path` is a built-in backbone or a directory (checked before any work)."""
+    if name_or_path not in BUILTIN_BACKBONES and not Path(name_or_path).is_dir():
+        raise ConfigError(
+            f"backbone '{name_or_path}': not a directory and not one of {', '.join(BUILTIN_BACKBONES)}"
+        )
+
+
 def build_backbone(name_or_path: str) -> tuple[BackboneAdapter, object]:
     """A backbone and its preprocessor for training: `minilm`, a `*-small` config, or a local HF directory.
 
@@ -158,11 +166,8 @@ def build_backbone(name_or_path: str) -> tuple[BackboneAdapter, object]:
         tokenizer = _text_tokenizer(minilm_path())
         config = SMALL_CONFIGS[name_or_path](tokenizer)
         return adapter_for(AutoModel.from_config(config, attn_implementation="sdpa")), tokenizer
+    check_backbone(name_or_path)
     path = minilm_path() if name_or_path == "minilm" else Path(name_or_path)
-    if not path.is_dir():
-        raise ConfigError(
-            f"backbone '{name_or_path}': not a directory and not one of {', '.join(BUILTIN_BACKBONES)}"
-        )
     adapter = load_pretrained_backbone(path)
     if adapter.modality == "image":
         return adapter, _image_processor(path, adapter)
@@ -175,6 +180,7 @@ __all__ = [
     "BackboneAdapter",
     "adapter_for",
     "build_backbone",
+    "check_backbone",
     "minilm_path",
     "load_pretrained_backbone",
 ]
