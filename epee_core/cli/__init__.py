@@ -10,6 +10,7 @@ import sys
 
 from .calibrate import add_calibrate
 from .common import USER_ERRORS, CommandError
+from .data import add_data
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
@@ -26,6 +27,7 @@ COMMANDS = [
     add_demo,
     add_bench,
     add_loadtest,
+    add_data,
 ]
 
 
