@@ -1,7 +1,7 @@
 """The performance report: samples/s of full, the calibrated EPEE policy and the oracle at several batch sizes,
 per model of the results report, timed side by side in one run.
 
-    OMP_NUM_THREADS=1 python -m epee_core.measure.performance --data ../shared/data --models models/results \\
+    OMP_NUM_THREADS=1 python -m epee_core.measure.performance --data data --models models/results \\
         --output docs/performance.md [--recorded docs/performance.json]
 
 Each model is timed by `measure.bench.run_bench` (what `epee bench` runs) on a fixed random sample of its dev
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time full, calibrated EPEE and the oracle side by side per model; write "
         "docs/performance.md and a JSON next to it.",
     )
-    parser.add_argument("--data", default="../shared/data", help="folder holding ade/, ddi/, git/, …")
+    parser.add_argument("--data", default="data", help="folder holding ade/, ddi/, git/, …")
     parser.add_argument("--models", default="models/results", help="the results report's model directories")
     parser.add_argument(
         "--output", default="docs/performance.md", help="Markdown report; the JSON goes next to it"

@@ -1,7 +1,7 @@
 """The results report (docs/results.md): every backbone × data set trained on its whole training split with the
 backbone's default recipe, given a certified early-exit policy, and measured on rows it has never seen.
 
-    python -m epee_core.measure.results --data ../shared/data --models models/results --output docs/results.md \\
+    python -m epee_core.measure.results --data data --models models/results --output docs/results.md \\
         --skip-invalid
 
 Each run (`run_one`):
@@ -658,7 +658,7 @@ def render_markdown(report: dict) -> str:
         "do not edit by hand. Raw numbers: `results.json`.",
         "",
         "Every model is trained by `epee train` with its backbone's **default recipe** (docs/training.md) on the "
-        "**whole training split** of its set in ../shared/data (ADE: one epoch of 20,411 rows). Each set's own "
+        "**whole training split** of its set in `data/` (ADE: one epoch of 20,411 rows). Each set's own "
         f"test split is kept back by its provider, so the dev split (PneumoniaMNIST: val) is cut into two "
         f"label-stratified halves (seed {EVAL_SEED}): `epee calibrate` certifies a policy on the first "
         "(accuracy drop vs full depth ≤ 1 point with probability ≥ 90 %, Learn-then-Test; docs/calibration.md), "
@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every backbone × data set with its default recipe, certify a policy on half of the "
         "dev split and measure on the other half; write docs/results.md.",
     )
-    parser.add_argument("--data", default="../shared/data", help="folder holding ade/, ddi/, git/, …")
+    parser.add_argument("--data", default="data", help="folder holding ade/, ddi/, git/, …")
     parser.add_argument(
         "--models", default="models/results", help="where trained models are kept (resumable)"
     )
