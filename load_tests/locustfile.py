@@ -57,9 +57,7 @@ def add_arguments(parser) -> None:
     option("--image-weight", "EPEE_IMAGE_WEIGHT", 1, "weight of the image user class", int)
     option("--short-weight", "EPEE_SHORT_WEIGHT", 3, "text users: share of short ADE sentences", int)
     option("--long-weight", "EPEE_LONG_WEIGHT", 1, "text users: share of long MTSamples notes", int)
-    option(
-        "--data-dir", "EPEE_DATA_DIR", "../shared/data", "folder of ade/, mtsamples/, ddi/, pneumoniamnist/"
-    )
+    option("--data-dir", "EPEE_DATA_DIR", "data", "folder of ade/, mtsamples/, ddi/, pneumoniamnist/")
     option("--wait-min", "EPEE_WAIT_MIN", 0.5, "think time between a user's requests: minimum s", float)
     option("--wait-max", "EPEE_WAIT_MAX", 1.5, "think time between a user's requests: maximum s", float)
     option("--policy-override", "EPEE_POLICY_OVERRIDE", "", f"send {POLICY_HEADER}: NAME on every request")

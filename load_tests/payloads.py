@@ -1,4 +1,4 @@
-"""Request bodies drawn from the real data sets (../shared/data, see its README): nothing here talks to a server.
+"""Request bodies drawn from the real data sets (data/, from `epee data convert`: docs/data.md): nothing here talks to a server.
 
 - short clinical sentences: ADE corpus sentences (`ade/dev.jsonl`) → `{"text": ...}`
 - long clinical notes: MTSamples transcriptions (`mtsamples/notes.jsonl`, median ~400 words) → `{"text": ...}`

@@ -11,6 +11,7 @@ import sys
 
 from .calibrate import add_calibrate
 from .common import user_errors
+from .data import add_data
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
@@ -29,6 +30,7 @@ COMMANDS = [
     add_bench,
     add_loadtest,
     add_report,
+    add_data,
 ]
 
 

@@ -35,7 +35,7 @@ def add_loadtest(commands) -> None:
         sub.add_argument("--peak-users", type=int, default=4, help="users at the ward-round peak (default 4)")
         sub.add_argument("--duration", type=int, default=120, help="seconds per run (default 120)")
         sub.add_argument(
-            "--data-dir", help="folder of ade/, mtsamples/, ddi/, pneumoniamnist/ (../shared/data)"
+            "--data-dir", help="folder of ade/, mtsamples/, ddi/, pneumoniamnist/ (default data)"
         )
         sub.add_argument("--output-dir", help="reports folder (default load_tests/reports/<date>)")
         sub.add_argument("--locustfile", default=str(LOCUSTFILE), help="default: the repository's")

@@ -10,7 +10,7 @@ from functools import partial
 
 from .common import add_skip_invalid
 
-DEFAULT_DATA = "../shared/data"
+DEFAULT_DATA = "data"  # where `epee data convert` writes the public sets (docs/data.md)
 DEFAULT_MODELS = "models/results"
 
 

@@ -101,7 +101,7 @@ class LoadRun:
     prefix: Path  # PREFIX_stats.csv, PREFIX_stats_history.csv, PREFIX.html, PREFIX_locust.log
     policy_override: str = ""
     inference_key: str | None = None
-    data_dir: str | None = None  # the locustfile's default: ../shared/data
+    data_dir: str | None = None  # the locustfile's default: data
     locustfile: Path = LOCUSTFILE
     processes: int = 0  # > 0: Locust's --processes, a master and this many workers
     hosts: list[str] = field(default_factory=list)  # replicas to spread users over (default: `host` alone)

@@ -514,7 +514,7 @@ def render_markdown(report: dict) -> str:
         "do not edit by hand. Raw numbers: `results.json`.",
         "",
         "Every model is trained by `epee train` with its backbone's **default recipe** (docs/training.md) on the "
-        "**whole training split** of its set (ADE: one epoch of 20,411 rows). Each set's own "
+        "**whole training split** of its set in `data/` (ADE: one epoch of 20,411 rows). Each set's own "
         f"test split is kept back by its provider, so the dev split (PneumoniaMNIST: val) is cut into two "
         f"label-stratified halves (seed {SPLIT_SEED}): `epee calibrate` certifies a policy on the first "
         "(accuracy drop vs full depth ≤ 1 point with probability ≥ 90 %, Learn-then-Test; docs/calibration.md), "

@@ -7,7 +7,9 @@ Two test runs on one machine would both need port 8080: a lock file makes them t
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -27,7 +29,7 @@ from .helpers import ROOT, ROOT_CONFIG, package, post_all, wait_for_metric, writ
 pytestmark = pytest.mark.integration
 
 MODEL = "epee-test-relations"  # its own name: never overwrites an archive of the user's in model_store/
-LOCK_FILE = "/tmp/epee-serve-root-config-test.lock"
+LOCK_FILE = os.path.join(tempfile.gettempdir(), "epee-serve-root-config-test.lock")
 TEXT = "Severe neutropenia developed after treatment with clozapine."
 PAIRS = [("neutropenia", "clozapine"), ("clozapine", "neutropenia")]
 
