@@ -80,6 +80,12 @@ def add_loadtest(commands) -> None:
         "--warmup", type=int, default=15, help="seconds of light load per model (default 15)"
     )
     compare.add_argument("--cooldown", type=float, default=5.0, help="seconds after each run (default 5)")
+    compare.add_argument(
+        "--schedulers",
+        default="batch",
+        help="comma-separated: batch (EPEE and full depth on TorchServe's dynamic batching) and/or continuous "
+        "(adds EPEE on the layer-level scheduler); default batch",
+    )
     load_options(compare)
     check = action("check", "check a finished Locust run (--csv PREFIX) against the SLO (exit 2 if violated)")
     check.add_argument("--csv", required=True, help="the PREFIX Locust was given with --csv")
@@ -183,11 +189,23 @@ def loadtest_compare(args, slo: str | None) -> dict:
         slo=Path(slo) if slo else None,
         data_dir=args.data_dir,
         locustfile=Path(args.locustfile),
+        schedulers=schedulers_from(args.schedulers),
     )
     try:
         return run_comparison(job)
     except PackageError as error:
         raise CommandError(str(error)) from None
+
+
+def schedulers_from(text: str) -> tuple[str, ...]:
+    """`--schedulers batch,continuous`: batch is always run (it is the reference)."""
+    from ..measure.comparison import SCHEDULERS
+
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in SCHEDULERS]
+    if unknown or not names:
+        raise CommandError(f"--schedulers takes {', '.join(SCHEDULERS)}, got {text!r}")
+    return tuple(dict.fromkeys(("batch", *names)))
 
 
 def run_soak_command(args) -> None:

@@ -3,6 +3,8 @@
 One archive (`epee package` of the model directory and its YAML) is registered twice on a TorchServe started
 from config.properties: NAME-epee answers with the YAML's policy; NAME-full answers with every layer because
 Locust sends `X-EPEE-Policy: full` with each of its requests (the per-request override of docs/design.md, which the YAML must allow).
+With the `continuous` scheduler in `schedulers`, a second archive packaged with `--scheduler continuous` is
+registered as NAME-continuous-epee: the YAML's policy on the layer-level scheduler, under the same load.
 Same bytes, handler, batch settings and workers: the policy is the only difference. Two registrations rather
 than one give each run its own queue and its own server-side counters (average exit layer and batch size, read
 from the metrics API). After a short warm-up of each model the two runs go one after the other, each followed
@@ -40,7 +42,9 @@ from .loadtest import (
 )
 from .locust_stats import load_slo, read_history
 
-VARIANTS = ("epee", "full")
+VARIANTS = ("epee", "full")  # the batch-level runs; the layer-level scheduler adds CONTINUOUS
+CONTINUOUS = "continuous-epee"
+SCHEDULERS = ("batch", "continuous")
 
 
 @dataclass
@@ -59,6 +63,12 @@ class ComparisonJob:
     slo: Path | None = DEFAULT_SLO
     data_dir: str | None = None
     locustfile: Path = LOCUSTFILE
+    schedulers: tuple[str, ...] = ("batch",)  # add "continuous" for the layer-level scheduler's run
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The runs, in order: batch-level EPEE and full depth, then layer-level EPEE when asked."""
+        return VARIANTS + ((CONTINUOUS,) if "continuous" in self.schedulers else ())
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -78,9 +88,15 @@ def run_comparison(job: ComparisonJob) -> dict:
     server = TorchServe(job.ts_config)
     require_local(server.inference_url)
     store = Path(read_properties(job.ts_config).get("model_store", "model_store"))
-    archive = package_model(job.model_dir, job.config, name, export_path=store)
-    models = {variant: f"{name}-{variant}" for variant in VARIANTS}
-    overrides = {"epee": "", "full": "full"}
+    archive = package_model(job.model_dir, job.config, name, export_path=store, scheduler="batch")
+    archives = {"epee": name, "full": name}
+    if CONTINUOUS in job.variants:
+        package_model(
+            job.model_dir, job.config, f"{name}-continuous", export_path=store, scheduler="continuous"
+        )
+        archives[CONTINUOUS] = f"{name}-continuous"
+    models = {variant: f"{name}-{variant}" for variant in job.variants}
+    overrides = {"epee": "", "full": "full", CONTINUOUS: ""}
 
     def load_run(variant: str, seconds: int, users: int, prefix: Path) -> LoadRun:
         return LoadRun(
@@ -100,16 +116,16 @@ def run_comparison(job: ComparisonJob) -> dict:
         server.start()
         try:
             client = ManagementClient(server.management_url, server.keys.get("management"))
-            with ThreadPoolExecutor(len(VARIANTS)) as pool:  # both workers load at once
-                list(pool.map(lambda model: client.register(f"{name}.mar", name=model), models.values()))
+            with ThreadPoolExecutor(len(models)) as pool:  # the workers load at once
+                list(pool.map(lambda v: client.register(f"{archives[v]}.mar", name=models[v]), models))
             if job.warmup:
-                for variant in VARIANTS:
+                for variant in job.variants:
                     run_locust(
                         load_run(
                             variant, job.warmup, min(2, job.peak_users), output_dir / f"warmup_{variant}"
                         )
                     )
-            for variant in VARIANTS:
+            for variant in job.variants:
                 before = model_counters(server.metrics_url, models[variant])
                 load_before = os.getloadavg()[0]
                 run_locust(load_run(variant, job.duration, job.peak_users, output_dir / variant))
@@ -136,6 +152,7 @@ def build_report(
 ) -> dict:
     """The comparison as one JSON-able dict: setup, both runs, EPEE/full ratios, the SLO verdict."""
     epee, full = runs["epee"]["stats"], runs["full"]["stats"]
+    continuous = runs.get(CONTINUOUS, {}).get("stats")
     yaml_config = read_yaml(job.config)
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -171,6 +188,15 @@ def build_report(
             "p99": _ratio(epee["p99_ms"], full["p99_ms"]),
             "rps": _ratio(epee["rps"], full["rps"]),
         },
+        "schedulers": list(job.schedulers),
+        "ratios_continuous": None
+        if continuous is None
+        else {
+            "p50_vs_full": _ratio(continuous["p50_ms"], full["p50_ms"]),
+            "p95_vs_full": _ratio(continuous["p95_ms"], full["p95_ms"]),
+            "p95_vs_batch_epee": _ratio(continuous["p95_ms"], epee["p95_ms"]),
+            "rps_vs_full": _ratio(continuous["rps"], full["rps"]),
+        },
         "slo": runs["epee"]["slo"],
         "slo_violations": runs["epee"]["slo_violations"],  # the SLO check is on the served configuration
         "passed": runs["epee"]["passed"],
@@ -179,7 +205,7 @@ def build_report(
 
 def write_outputs(report: dict, output_dir: Path, job: ComparisonJob) -> dict:
     """latency.png from both runs' history, then comparison.md and comparison.json; returns the report."""
-    histories = {variant: read_history(output_dir / variant) for variant in VARIANTS}
+    histories = {variant: read_history(output_dir / variant) for variant in job.variants}
     plot = plot_latency(
         histories,
         output_dir / "latency.png",
@@ -216,42 +242,59 @@ def render_comparison(report: dict) -> str:
         ("p99 latency, ms", "p99_ms", 0, "p99"),
         ("mean latency, ms", "avg_ms", 0, None),
     ]
+    continuous = report["runs"].get(CONTINUOUS)
+    columns = [("EPEE", epee), ("full", full)] + ([("EPEE layer-level", continuous)] if continuous else [])
     lines = [
         f"# EPEE vs full depth under a clinical day of load ({report['date']})",
         "",
         f"- model: `{report['model']}` ({report['task']}, {report['num_layers']} layers) with `{report['config']}`, "
-        f"packaged once as `{report['archive']}` and registered twice: `{epee['model']}` (policy "
+        f"packaged as `{report['archive']}` and registered twice: `{epee['model']}` (policy "
         f"`{report['policy']}`) and `{full['model']}` (same archive; every request sends `X-EPEE-Policy: full`)",
         f"- server: TorchServe from `{server['ts_config']}`, batchSize {server['batch_size']}, maxBatchDelay "
         f"{server['max_batch_delay']} ms, {server['workers']} worker(s) per model, "
         f"{server['num_threads'] or 'default'} torch thread(s), {server['cpus']} CPUs",
         f"- load: {load['shape']}, peak {load['peak_users']} users, {load['duration_seconds']} s per run "
-        f"(after {load['warmup_seconds']} s warm-up per model); identical for both runs, EPEE first",
+        f"(after {load['warmup_seconds']} s warm-up per model); identical for every run, EPEE first",
+    ]
+    if continuous:
+        lines.append(
+            f"- layer-level: `{continuous['model']}`, the same model and YAML packaged with `--scheduler "
+            "continuous` (TorchServe's continuous batching; requests join at the next layer, leave at their exit)"
+        )
+    lines += [
         "",
-        "| | EPEE | full | EPEE / full |",
-        "|---|---|---|---|",
+        "| | " + " | ".join(label for label, _ in columns) + " | EPEE / full |",
+        "|" + "---|" * (len(columns) + 2),
     ]
     for label, key, digits, ratio_key in rows:
         ratio = _fmt(ratios[ratio_key], 3) if ratio_key else ""
-        lines.append(
-            f"| {label} | {_fmt(epee['stats'][key], digits)} | {_fmt(full['stats'][key], digits)} | {ratio} |"
-        )
-    lines.append(
-        f"| avg exit layer (server) | {_fmt(epee['server']['avg_exit_layer'], 2)} | "
-        f"{_fmt(full['server']['avg_exit_layer'], 2)} | |"
-    )
-    lines.append(
-        f"| avg batch size (server) | {_fmt(epee['server']['avg_batch_size'], 2)} | "
-        f"{_fmt(full['server']['avg_batch_size'], 2)} | |"
-    )
-    lines.append(
-        f"| machine load (1-min avg, before → after) | {' → '.join(map(str, epee['machine_load']))} | "
-        f"{' → '.join(map(str, full['machine_load']))} | |"
-    )
-    lines += ["", "p95 latency by request type, ms:", "", "| request | EPEE | full |", "|---|---|---|"]
-    for name in sorted(set(epee["by_request"]) | set(full["by_request"])):
-        cells = [_fmt(run["by_request"].get(name, {}).get("p95_ms")) for run in (epee, full)]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        cells = " | ".join(_fmt(run["stats"][key], digits) for _, run in columns)
+        lines.append(f"| {label} | {cells} | {ratio} |")
+    for label, key in (
+        ("avg exit layer (server)", "avg_exit_layer"),
+        ("avg batch size (server)", "avg_batch_size"),
+    ):
+        cells = " | ".join(_fmt(run["server"][key], 2) for _, run in columns)
+        lines.append(f"| {label} | {cells} | |")
+    cells = " | ".join(" → ".join(map(str, run["machine_load"])) for _, run in columns)
+    lines.append(f"| machine load (1-min avg, before → after) | {cells} | |")
+    if report.get("ratios_continuous"):
+        layer = report["ratios_continuous"]
+        lines += [
+            "",
+            f"Layer-level EPEE: p50 {_fmt(layer['p50_vs_full'], 3)}× and p95 {_fmt(layer['p95_vs_full'], 3)}× "
+            f"batch-level full depth; p95 {_fmt(layer['p95_vs_batch_epee'], 3)}× batch-level EPEE.",
+        ]
+    lines += [
+        "",
+        "p95 latency by request type, ms:",
+        "",
+        "| request | " + " | ".join(label for label, _ in columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for name in sorted({request for _, run in columns for request in run["by_request"]}):
+        cells = " | ".join(_fmt(run["by_request"].get(name, {}).get("p95_ms")) for _, run in columns)
+        lines.append(f"| {name} | {cells} |")
     slo = report["slo"]
     if slo["file"]:
         lines += [
@@ -265,6 +308,6 @@ def render_comparison(report: dict) -> str:
         "",
         "![latency over time](latency.png)",
         "",
-        "Locust reports: " + ", ".join(f"`{run['files']['html']}`" for run in (epee, full)),
+        "Locust reports: " + ", ".join(f"`{run['files']['html']}`" for _, run in columns),
     ]
     return "\n".join(lines) + "\n"

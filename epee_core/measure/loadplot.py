@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-COLORS = {"epee": "tab:green", "full": "tab:red"}
+COLORS = {"epee": "tab:green", "full": "tab:red", "continuous-epee": "tab:blue"}
 
 
 def _points(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:

@@ -9,9 +9,10 @@ same depth. One `step()`:
 A request never waits for a batch to fill or for a slower batch-mate: it starts at the next step, and it leaves
 at the step its policy lets it exit.
 
-Cohorts are never merged: two cohorts at the same depth only exist when requests of different policies arrived
-in the same step, and keeping one policy per cohort keeps its policy state whole (docs/performance.md measures
-the cost of the extra layer calls).
+Requests admitted in one step are cut into cohorts of similar length (the runner's `length_buckets`): a layer
+costs about its padded tokens, so one long note does not make the short sentences beside it pay for its padding.
+Cohorts are never merged afterwards: rows at different depths need different layers, and keeping one policy per
+cohort keeps its policy state whole (docs/performance.md measures what a step costs).
 
 Invariant (tested over random arrival schedules): every row gets exactly the prediction and exit layer it gets
 alone, whatever it ran beside and whenever it arrived. The scheduler calls the same backbone layers, exit heads and
@@ -34,7 +35,7 @@ import torch
 
 from ..engine.model import EarlyExitModel
 from ..engine.policies import Policy, first_exit_read, init_state, policy_step
-from ..engine.runner import RowGroup, take_rows
+from ..engine.runner import BUCKET_OVERHEAD_TOKENS, RowGroup, length_buckets, take_rows
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ class LayerScheduler:
         for ticket in admitted:
             by_policy.setdefault(policy_key(ticket.policy), []).append(ticket)
         for tickets in by_policy.values():
-            self.cohorts += self._isolated(self._embed, tickets, finished)
+            for bucket in length_buckets([ticket.width for ticket in tickets], BUCKET_OVERHEAD_TOKENS):
+                self.cohorts += self._isolated(self._embed, [tickets[i] for i in sorted(bucket)], finished)
         advanced: list[_Cohort] = []
         for cohort in self.cohorts:
             advanced += self._isolated_layer(cohort, finished)

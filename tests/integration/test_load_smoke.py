@@ -56,22 +56,24 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
         ["loadtest", "compare", "--model", str(model_dir), "--config", str(config), "--ts-config", str(ts_config),
          "--peak-users", "3", "--duration", "6", "--warmup", "1", "--cooldown", "0.5",
          "--data-dir", str(write_data_dir(tmp_path / "data")), "--output-dir", str(output), "--slo", str(slo),
-         "--json"]
+         "--schedulers", "batch,continuous", "--json"]
     )  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     assert code == 0
-    epee, full = report["runs"]["epee"], report["runs"]["full"]
-    for run in (epee, full):
+    epee, full, layer = (report["runs"][name] for name in ("epee", "full", "continuous-epee"))
+    for run in (epee, full, layer):
         assert run["stats"]["requests"] > 0 and run["stats"]["failures"] == 0
         assert set(run["by_request"]) == {"text: ADE sentence", "text: MTSamples note"}
         assert run["server"]["server_requests"] >= run["stats"]["requests"]
     assert full["server"]["avg_exit_layer"] == 4  # the override ran every layer of the same archive
     assert epee["server"]["avg_exit_layer"] <= 4
+    assert layer["server"]["avg_exit_layer"] <= 4 and set(report["ratios_continuous"]) >= {"p95_vs_batch_epee"}
     assert report["passed"] and report["slo_violations"] == []
     markdown = (output / "comparison.md").read_text()
     assert "| p95 latency, ms |" in markdown and "tiny-text-loadtest-full" in markdown
+    assert "tiny-text-loadtest-continuous-epee" in markdown
     assert (output / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for variant in ("epee", "full"):
+    for variant in ("epee", "full", "continuous-epee"):
         assert (output / f"{variant}_stats.csv").is_file() and (output / f"{variant}.html").is_file()
     properties = dict(line.split("=", 1) for line in ts_config.read_text().splitlines() if "=" in line)
     assert not port_open(properties["inference_address"])  # the server is gone
