@@ -41,6 +41,16 @@ def svc(tokenizer) -> TextService:
     return TextService(build_tiny_model(tokenizer), ServeConfig.from_section({}))
 
 
+def assert_answers_equal(bodies: list[dict], expected: list[dict]) -> None:
+    """Same labels, exit layers and policies; probabilities and entropy equal up to float noise (a batched
+    matmul may round the sixth decimal differently from a row alone)."""
+    assert len(bodies) == len(expected)
+    for body, reference in zip(bodies, expected):
+        body, reference = dict(body), dict(reference)
+        assert body.pop("probabilities") == pytest.approx(reference.pop("probabilities"), abs=2e-6)
+        assert body == pytest.approx(reference, abs=2e-6)
+
+
 def alone(svc: TextService, body) -> dict:
     return svc.answer([{"body": body}], [JSON])[0].body
 
@@ -52,7 +62,7 @@ def test_hostile_request_gets_its_own_400_and_batch_mates_their_answers(svc, kin
     answers = svc.answer(rows, [JSON] * len(rows))
     assert answers[3].status == 400 and set(answers[3].body) == {"error"}
     good = [answer for index, answer in enumerate(answers) if index != 3]
-    assert [answer.body for answer in good] == [alone(svc, {"text": text}) for text in GOOD]
+    assert_answers_equal([answer.body for answer in good], [alone(svc, {"text": text}) for text in GOOD])
 
 
 def test_integer_parameters_take_integers_only():
@@ -85,7 +95,7 @@ def test_engine_failure_is_isolated_to_the_request_that_causes_it(svc, monkeypat
     culprit = answers.pop(5)
     assert culprit.status == 400 and culprit.failure == "TypeError"
     assert "POISON" not in culprit.body["error"] and "TextEncodeInput" not in culprit.body["error"]
-    assert [answer.body for answer in answers] == expected
+    assert_answers_equal([answer.body for answer in answers], expected)
 
 
 def test_a_fault_of_the_server_is_a_500_for_that_request_only(svc, monkeypatch):

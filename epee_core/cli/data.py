@@ -11,7 +11,7 @@ def add_data(commands) -> None:
     parser = commands.add_parser(
         "data", help="convert public data sets from their published files (no download)"
     )
-    actions = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="what to do")
     convert = actions.add_parser(
         "convert",
         help="convert one source's published files into train.jsonl / dev.jsonl (or a MedMNIST .npz)",

@@ -19,7 +19,7 @@ def add_report(commands) -> None:
         "report",
         help="regenerate the results report (docs/results.md) or the performance report (docs/performance.md)",
     )
-    reports = parser.add_subparsers(dest="report", required=True, metavar="REPORT")
+    reports = parser.add_subparsers(dest="report", required=True, metavar="REPORT", help="which report")
     add_results_report(reports)
     add_performance_report(reports)
 
