@@ -6,6 +6,26 @@ from ..engine.spec import TASKS
 from ..training.recipes import AUGMENTATIONS, CLASS_BALANCE
 from .common import emit
 
+INPUT_FLAGS = (
+    ("--train", "training JSONL file; images: MedMNIST .npz (train_*) or image folder"),
+    ("--dev", "dev JSONL file (per-exit accuracy after each epoch); images: .npz (val_*) or image folder"),
+    ("--output", "model directory to write"),
+)
+# flag, type, choices, help: every recipe value defaults to the backbone's recipe (training/recipes.py)
+RECIPE_FLAGS = (
+    ("--epochs", int, None, "passes over the training rows"),
+    ("--batch-size", int, None, "training rows per optimizer step"),
+    ("--lr", float, None, "backbone learning rate"),
+    ("--head-lr", float, None, "exit heads' learning rate"),
+    ("--max-length", int, None, "maximum tokens per input (text)"),
+    ("--augment", None, AUGMENTATIONS, "image augmentation: mild (rotation, shift, zoom, brightness/contrast; "
+     "no flips), flip (mild + horizontal flips), none"),
+    ("--class-balance", None, CLASS_BALANCE, "for skewed label sets: weights (inverse-frequency loss weights), "
+     "sampler (draw rows with those weights), none"),
+    ("--balance-power", float, None, "class weights ∝ (1 / class count)^P: 1 = fully balanced, 0.5 = half-way "
+     "(in log-odds)"),
+)  # fmt: skip
+
 
 def add_train(commands) -> None:
     parser = commands.add_parser(
@@ -17,40 +37,13 @@ def add_train(commands) -> None:
         required=True,
         help="minilm, bert-small, albert-small, gpt2-small, vit-small, or a local Hugging Face checkpoint dir",
     )
-    parser.add_argument(
-        "--train", required=True, help="training JSONL file; images: MedMNIST .npz (train_*) or image folder"
-    )
-    parser.add_argument(
-        "--dev",
-        required=True,
-        help="dev JSONL file (per-exit accuracy after each epoch); images: .npz (val_*) or image folder",
-    )
-    parser.add_argument("--output", required=True, help="model directory to write")
+    for flag, text in INPUT_FLAGS:
+        parser.add_argument(flag, required=True, help=text)
     recipe = parser.add_argument_group(
         "recipe (default: the backbone's recipe, printed when training starts; docs/training.md)"
     )
-    recipe.add_argument("--epochs", type=int, help="passes over the training rows")
-    recipe.add_argument("--batch-size", type=int, help="training rows per optimizer step")
-    recipe.add_argument("--lr", type=float, help="backbone learning rate")
-    recipe.add_argument("--head-lr", type=float, help="exit heads' learning rate")
-    recipe.add_argument("--max-length", type=int, help="maximum tokens per input (text)")
-    recipe.add_argument(
-        "--augment",
-        choices=AUGMENTATIONS,
-        help="image augmentation: mild (rotation, shift, zoom, brightness/contrast; no flips), flip (mild + "
-        "horizontal flips), none",
-    )
-    recipe.add_argument(
-        "--class-balance",
-        choices=CLASS_BALANCE,
-        help="for skewed label sets: weights (inverse-frequency loss weights), sampler (draw rows with those "
-        "weights), none",
-    )
-    recipe.add_argument(
-        "--balance-power",
-        type=float,
-        help="class weights ∝ (1 / class count)^P: 1 = fully balanced, 0.5 = half-way (in log-odds)",
-    )
+    for flag, kind, choices, text in RECIPE_FLAGS:
+        recipe.add_argument(flag, type=kind, choices=choices, help=text)
     parser.add_argument(
         "--max-samples", type=int, help="train on a seeded, label-stratified sample of N training rows"
     )

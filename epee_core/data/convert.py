@@ -56,6 +56,22 @@ def _required_file(folder: Path, name: str) -> Path:
     return found[0]
 
 
+def _records(path: Path, split: Callable[[str], list[str]], min_fields: int, expected: str):
+    """(line number, fields) of every non-blank line of a published text file, split by `split`; a ConfigError
+    naming the file, the line and the `expected` layout for a line with fewer than `min_fields` fields."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = split(line)
+        if len(fields) < min_fields:
+            raise ConfigError(f"{path}:{number}: expected {expected}, got {line[:60]!r}")
+        yield number, fields
+
+
+def _tab_fields(line: str) -> list[str]:
+    return line.split("\t")
+
+
 def split_documents(doc_ids: Iterable[str], dev_fraction: float, seed: int) -> set[str]:
     """The documents that go to dev: a seeded draw of `dev_fraction` of the distinct ids (at least one)."""
     if not 0.0 < dev_fraction < 1.0:
@@ -86,22 +102,14 @@ def convert_ade(source: Path, output: Path, dev_fraction: float = 0.1, seed: int
     label_by_text: dict[str, int] = {}
     doc_by_text: dict[str, str] = {}
     positives = _required_file(source, "DRUG-AE.rel")
-    for number, line in enumerate(positives.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("|")
-        if len(fields) < 3:
-            raise ConfigError(f"{positives}:{number}: expected PMID|sentence|effect|..., got {line[:60]!r}")
+    for _, fields in _records(positives, lambda line: line.split("|"), 3, "PMID|sentence|effect|..."):
         pmid, text = fields[0].strip(), fields[1].strip()
         label_by_text[text] = 1
         doc_by_text.setdefault(text, pmid)
     negatives = _required_file(source, "ADE-NEG.txt")
-    for number, line in enumerate(negatives.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split(maxsplit=2)
-        if len(fields) < 3 or fields[1] != "NEG":
-            raise ConfigError(f"{negatives}:{number}: expected 'PMID NEG sentence', got {line[:60]!r}")
+    for number, fields in _records(negatives, lambda line: line.split(maxsplit=2), 3, "'PMID NEG sentence'"):
+        if fields[1] != "NEG":
+            raise ConfigError(f"{negatives}:{number}: expected 'PMID NEG sentence', got {fields[1]!r}")
         pmid, text = fields[0], fields[2].strip()
         label_by_text.setdefault(text, 0)
         doc_by_text.setdefault(text, pmid)
@@ -175,20 +183,11 @@ def _chemprot_split(folder: Path, split: str) -> tuple[list[dict], int]:
             # Entity offsets count the title, one separator, then the abstract.
             sentences[pmid] = split_sentences(title, 0) + split_sentences(abstract, len(title) + 1)
     spans: dict[tuple[str, str], tuple[int, int]] = {}
-    for number, line in enumerate(entities.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            fields = line.split("\t")
-            if len(fields) < 5:
-                raise ConfigError(f"{entities}:{number}: expected PMID, id, type, start, end, text")
-            spans[fields[0], fields[1]] = (int(fields[3]), int(fields[4]))
+    for _, fields in _records(entities, _tab_fields, 5, "PMID, id, type, start, end, text"):
+        spans[fields[0], fields[1]] = (int(fields[3]), int(fields[4]))
     labels: dict[tuple[str, int], set[str]] = {}
     skipped = 0
-    for number, line in enumerate(gold.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 4:
-            raise ConfigError(f"{gold}:{number}: expected PMID, CPR group, Arg1:T.., Arg2:T..")
+    for _, fields in _records(gold, _tab_fields, 4, "PMID, CPR group, Arg1:T.., Arg2:T.."):
         pmid, group = fields[0], fields[1]
         args = [spans.get((pmid, field.split(":", 1)[-1])) for field in fields[2:4]]
         label = CHEMPROT_GROUP_LABELS.get(group)

@@ -21,12 +21,9 @@ import yaml
 from helpers import build_tiny_model
 
 from epee_core.cli import main
-from epee_core.engine.inputs import encode_texts
-from epee_core.engine.model import EarlyExitModel
 from epee_core.ops.management import ManagementClient
-from epee_core.serving.config import ServeConfig
 
-from .helpers import SENTENCES, engine_answer, post_all, running_torchserve, write_model_yaml
+from .helpers import SENTENCES, engine_answers, post_all, running_torchserve, write_model_yaml
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -69,12 +66,7 @@ def setup(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def expected(setup):
-    model = EarlyExitModel.from_pretrained(setup["model_dir"])
-    policy = ServeConfig.load(setup["config"]).policy
-    return {
-        text: engine_answer(model, encode_texts(model.tokenizer, [text], model.spec.max_length), policy)
-        for text in SENTENCES
-    }
+    return engine_answers(setup["model_dir"], setup["config"], SENTENCES)
 
 
 def predict_url(setup) -> str:

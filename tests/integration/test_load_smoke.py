@@ -67,7 +67,9 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
         assert run["server"]["server_requests"] >= run["stats"]["requests"]
     assert full["server"]["avg_exit_layer"] == 4  # the override ran every layer of the same archive
     assert epee["server"]["avg_exit_layer"] <= 4
-    assert layer["server"]["avg_exit_layer"] <= 4 and set(report["ratios_continuous"]) >= {"p95_vs_batch_epee"}
+    assert layer["server"]["avg_exit_layer"] <= 4 and set(report["ratios_continuous"]) >= {
+        "p95_vs_batch_epee"
+    }
     assert report["passed"] and report["slo_violations"] == []
     markdown = (output / "comparison.md").read_text()
     assert "| p95 latency, ms |" in markdown and "tiny-text-loadtest-full" in markdown

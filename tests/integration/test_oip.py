@@ -14,16 +14,13 @@ import pytest
 import requests
 from helpers import build_tiny_model
 
-from epee_core.engine.inputs import encode_texts
-from epee_core.engine.model import EarlyExitModel
 from epee_core.ops.management import ManagementClient
 from epee_core.ops.torchserve import TorchServe
-from epee_core.serving.config import ServeConfig
 
 from .helpers import (
     SENTENCES,
     derive_config,
-    engine_answer,
+    engine_answers,
     package_model,
     running_torchserve,
     wait_for_metric,
@@ -53,12 +50,7 @@ def setup(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="module")
 def expected(setup):
     """The in-process engine's answer for every sentence under the served policy."""
-    model = EarlyExitModel.from_pretrained(setup["model_dir"])
-    policy = ServeConfig.load(setup["config"]).policy
-    return {
-        text: engine_answer(model, encode_texts(model.tokenizer, [text], model.spec.max_length), policy)
-        for text in SENTENCES
-    }
+    return engine_answers(setup["model_dir"], setup["config"], SENTENCES)
 
 
 def triton(server: TorchServe):
