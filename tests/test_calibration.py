@@ -354,11 +354,28 @@ def test_cache_file_holds_tensors_only(model_dir, dev_file, tmp_path):
 
 def test_model_yaml_of_every_policy_is_accepted_by_serve_config():
     for policy in [make_policy("full"), make_policy("epee", {"ensemble": "window_mean", "patience": 3})]:
-        config = model_yaml(SYNTHETIC_SPEC, policy, ServingOptions(batch_size=4))
+        config = model_yaml(SYNTHETIC_SPEC, policy, ServingOptions(batch_size=4, scheduler="batch"))
         serve = ServeConfig.from_section(config["epee"])
         assert serve.policy == policy
         assert {"minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout"} <= set(config)
-        assert config["batchSize"] == 4
+        assert config["batchSize"] == 4 and "continuousBatching" not in config
+
+
+def test_model_yaml_for_the_continuous_scheduler_turns_on_torchserves_continuous_batching():
+    config = model_yaml(
+        SYNTHETIC_SPEC, make_policy("entropy"), ServingOptions(batch_size=4, scheduler="continuous")
+    )
+    assert config["continuousBatching"] is True
+    assert config["batchSize"] == ServeConfig().max_rows_in_flight and config["maxBatchDelay"] == 1
+
+
+def test_calibrated_yaml_defaults_to_the_benchmarks_choice():
+    from epee_core.calibration.model_yaml import DEFAULT_MAX_BATCH_DELAY, DEFAULT_SCHEDULER
+
+    config = model_yaml(SYNTHETIC_SPEC, make_policy("entropy"), ServingOptions())
+    assert bool(config.get("continuousBatching")) == (DEFAULT_SCHEDULER == "continuous")
+    batch = model_yaml(SYNTHETIC_SPEC, make_policy("entropy"), ServingOptions(scheduler="batch"))
+    assert batch["maxBatchDelay"] == DEFAULT_MAX_BATCH_DELAY
 
 
 def test_run_calibration_writes_yaml_report_and_plot(model_dir, dev_file, tmp_path):
@@ -368,7 +385,7 @@ def test_run_calibration_writes_yaml_report_and_plot(model_dir, dev_file, tmp_pa
         str(dev_file),
         str(output),
         plot=str(tmp_path / "pareto.png"),
-        serving=ServingOptions(batch_size=4),
+        serving=ServingOptions(batch_size=4, scheduler="batch"),
     )
     summary = run_calibration(job, notify=lambda message: None)
 

@@ -11,6 +11,7 @@ from helpers import DEMO_DATA, build_tiny_model
 
 from epee_core.cli import main
 from epee_core.data.text import read_examples
+from epee_core.engine.inputs import Example
 from epee_core.engine.policies import make_policy
 from epee_core.measure import openloop
 
@@ -19,7 +20,9 @@ POLICY = make_policy("entropy", {"entropy_threshold": 0.3})
 
 @pytest.fixture(scope="module")
 def examples():
-    return read_examples(DEMO_DATA / "ade_demo_dev.jsonl", "text-classification", max_samples=24)
+    """24 ADE sentences labelled with the tiny model's labels a, b, c in turn."""
+    rows = read_examples(DEMO_DATA / "ade_demo_dev.jsonl", "text-classification", max_samples=24)
+    return [Example(row.text, "abc"[number % 3]) for number, row in enumerate(rows)]
 
 
 def test_poisson_arrivals_are_seeded_increasing_and_have_the_rate():
@@ -57,7 +60,7 @@ def test_a_batch_closes_when_full_or_when_the_delay_runs_out():
 def test_the_layer_level_contestant_answers_as_batch_level_epee(tokenizer, examples):
     model = build_tiny_model(tokenizer)
     bench = openloop.OpenLoopBench(model, examples, POLICY, batch_size=4, delays_ms=(0,), requests=24)
-    workload = bench.workload(200.0)
+    workload = bench.workload(200.0, 24)
     _, batch_answers = bench.serve(openloop.Contestant("batch", POLICY.name, 0), workload)
     _, layer_answers = bench.serve(openloop.Contestant("continuous", POLICY.name), workload)
     assert layer_answers == batch_answers
@@ -76,7 +79,7 @@ def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokeniz
     data.write_text("".join(json.dumps({"text": row["text"], "label": "abc"[i % 3]}) + "\n"
                             for i, row in enumerate(rows)))  # fmt: skip
     code = main(["bench", "--model", str(model_dir), "--data", str(data), "--config", str(config), "--arrival-rate", "0.5x,0.75x",
-                 "--delays", "0,5", "--requests", "20", "--output-dir", str(tmp_path / "reports"),
+                 "--delays", "0,5", "--requests", "20", "--rounds", "2", "--output-dir", str(tmp_path / "reports"),
                  "--json"])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -94,3 +97,21 @@ def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokeniz
     assert report["slo_p95_ms"] == 200
     assert report["recommended"]["scheduler"] in ("batch", "continuous")
     assert len(report["comparisons"]) == 2
+
+
+def test_contestants_take_turns_on_the_same_requests(tokenizer, examples, monkeypatch):
+    """Each round serves one slice of the requests to every contestant, the first turn rotating."""
+    bench = openloop.OpenLoopBench(build_tiny_model(tokenizer), examples, POLICY, delays_ms=(0,), requests=12,
+                                   rounds=3)  # fmt: skip
+    served = []
+
+    def record(contestant, workload, profile=None):
+        served.append((contestant.policy, tuple(example.text for example in workload.examples)))
+        return [0.01] * len(workload.arrivals), [(0, 1)] * len(workload.arrivals)
+
+    monkeypatch.setattr(bench, "serve", record)
+    contestants = [openloop.Contestant("batch", "hf", 0), openloop.Contestant("continuous", POLICY.name)]
+    rows = bench.run_all(contestants, 100.0)
+    assert [policy for policy, _ in served] == ["hf", "entropy", "entropy", "hf", "hf", "entropy"]
+    assert served[0][1] == served[1][1] != served[2][1] == served[3][1]
+    assert [row["requests"] for row in rows] == [12, 12]

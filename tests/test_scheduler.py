@@ -89,6 +89,7 @@ limits = st.builds(
     max_rows_in_flight=st.integers(1, 12),
     max_admit_rows=st.integers(1, 6),
     max_step_tokens=st.integers(1, 400),
+    max_cohorts=st.integers(1, 4),
 )
 
 
@@ -170,6 +171,24 @@ def test_admission_keeps_rows_in_flight_within_the_limit(setups):
         seen.append(scheduler.rows_in_flight)
     assert max(seen) == 3
     assert seen[0] == 2
+
+
+def test_new_requests_wait_and_gather_while_max_cohorts_run(setups):
+    model, rows, _ = setups["bert"]
+    full = make_policy("full")
+    scheduler = LayerScheduler(model, SchedulerLimits(max_cohorts=1))
+    scheduler.submit("first", rows[0], full)
+    scheduler.step()
+    scheduler.submit("second", rows[1], full)
+    scheduler.submit("third", rows[2], full)
+    scheduler.step()
+    assert [cohort.depth for cohort in scheduler.cohorts] == [2] and len(scheduler.waiting) == 2
+    while scheduler.cohorts[0].depth < model.num_layers - 1:
+        scheduler.step()
+    scheduler.step()  # the first request leaves, and the two waiting ones start together in the same step
+    assert [cohort.depth for cohort in scheduler.cohorts] in ([1], [1, 1])
+    assert sum(len(cohort.group.rows) for cohort in scheduler.cohorts) == 2
+    assert not scheduler.waiting
 
 
 def test_an_oversized_request_runs_alone_when_nothing_else_is_in_flight(setups):

@@ -10,7 +10,12 @@ import yaml
 
 from ..engine.policies import Policy
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
-from ..serving.config import ServeConfig
+from ..serving.config import SCHEDULERS, ServeConfig, scheduler_keys
+
+# What `epee bench --arrival-rate` found best for a calibrated MiniLM on unseen ADE sentences (docs/performance.md,
+# "Latency under load"): the scheduler, and the batch delay when the batch scheduler is chosen.
+DEFAULT_SCHEDULER = "continuous"
+DEFAULT_MAX_BATCH_DELAY = 5
 
 
 @dataclass
@@ -18,14 +23,19 @@ class ServingOptions:
     """The TorchServe keys of the model YAML; `batch_size` is also the batch the cost model was timed at."""
 
     batch_size: int = 8
-    max_batch_delay: int = 50  # ms TorchServe waits to fill a batch
+    max_batch_delay: int = DEFAULT_MAX_BATCH_DELAY  # ms TorchServe waits to fill a batch (batch scheduler)
     min_workers: int = 1
     max_workers: int = 1
     response_timeout: int = 120  # s
     num_threads: int | None = None  # torch threads per worker (`epee:` section); None: torch's default
     quantize: str = "none"  # "int8": the worker quantizes at load, and calibration ran on the int8 model
+    scheduler: str = (
+        DEFAULT_SCHEDULER  # "continuous": the layer-level scheduler; "batch": TorchServe's batching
+    )
 
     def check(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         for name, value in vars(self).items():
             if value is None or isinstance(value, str):
                 continue
@@ -58,6 +68,7 @@ def model_yaml(
         "responseTimeout": serving.response_timeout,
         "epee": section,
     }
+    config = scheduler_keys(config, serving.scheduler)
     ServeConfig.from_model_yaml(config, source="calibrated model YAML")
     return config
 

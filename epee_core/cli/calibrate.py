@@ -57,7 +57,17 @@ def add_calibrate(commands) -> None:
         default=8,
         help="serving batch size (YAML batchSize, timed for the cost model)",
     )
-    parser.add_argument("--max-batch-delay", type=int, default=50, help="YAML maxBatchDelay in ms")
+    parser.add_argument(
+        "--max-batch-delay",
+        type=int,
+        help="YAML maxBatchDelay in ms for the batch scheduler (default: the benchmark's best, docs/performance.md)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=("batch", "continuous"),
+        help="how the YAML has TorchServe batch: continuous (the layer-level scheduler) or batch (dynamic "
+        "batching); default: the benchmark's best (docs/performance.md)",
+    )
     parser.add_argument("--max-samples", type=int, help="use only the first N examples")
     parser.add_argument(
         "--guarantee",
@@ -158,7 +168,14 @@ def calibration_job(args):
         max_samples=args.max_samples,
         skip_invalid=args.skip_invalid,
         serving=ServingOptions(
-            batch_size=args.batch_size, max_batch_delay=args.max_batch_delay, quantize=args.quantize
+            batch_size=args.batch_size,
+            quantize=args.quantize,
+            # flags left out keep the benchmark's defaults (ServingOptions)
+            **{
+                key: value
+                for key, value in (("max_batch_delay", args.max_batch_delay), ("scheduler", args.scheduler))
+                if value is not None
+            },
         ),
         options=CalibrationOptions(
             metric=args.metric,

@@ -128,11 +128,20 @@ def add_open_loop_arguments(parser) -> None:
     group.add_argument(
         "--delays", default="0,5,10,20,50", help="maxBatchDelay values (ms) swept for batch-level contestants"
     )
-    group.add_argument("--requests", type=int, default=400, help="requests per run (default 400)")
+    group.add_argument(
+        "--requests", type=int, default=400, help="requests per contestant and rate (default 400)"
+    )
+    group.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="contestants take turns over this many rounds of the requests, so machine drift hits all alike",
+    )
     group.add_argument(
         "--slo-p95-ms", type=float, help="p95 objective for slo_capacity (default: the YAML's slo_p95_ms)"
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
+    # batch contestants take the YAML's batchSize (8 without a YAML or for a continuous one)
     group.add_argument("--plot", help="write the latency-vs-load plot (PNG) here")
 
 
@@ -218,7 +227,10 @@ def run_open_loop_bench(args) -> None:
         policy = policies_from_args(names[0] if names else "full", args.set, args.config)[0]
     else:
         policy = serve.policy
-    batch_size = int(yaml_config.get("batchSize", parse_batch_sizes(args.batch_sizes)[-1]))
+    # the batch contestants' batch: the YAML's, unless the YAML is for the continuous scheduler (its batchSize is
+    # the requests in flight): then TorchServe's usual 8
+    continuous_yaml = bool(yaml_config.get("continuousBatching"))
+    batch_size = 8 if continuous_yaml else int(yaml_config.get("batchSize", 8))
     try:
         delays = tuple(float(part) for part in args.delays.split(","))
     except ValueError:
@@ -234,7 +246,7 @@ def run_open_loop_bench(args) -> None:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     bench = openloop.OpenLoopBench(model, data.examples, policy, batch_size, delays, serve.scheduler_limits,
-                                   args.requests, args.seed, stock)  # fmt: skip
+                                   args.requests, args.seed, stock, args.rounds)  # fmt: skip
     say = (lambda message: print(message, file=sys.stderr)) if not args.json else None
     try:
         report = openloop.run_open_loop(bench, args.arrival_rate, args.slo_p95_ms or serve.slo_p95_ms, say)

@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -192,28 +192,51 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarise(
-    model: EarlyExitModel, workload: Workload, contestant: Contestant, rate: float, done_at: list[float],
-    answers: list[tuple],
-) -> dict:  # fmt: skip
+@dataclass
+class Measured:
+    """What a contestant's runs at one rate gave, pooled over rounds."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    correct: int = 0
+    exit_layers: list[int] = field(default_factory=list)
+    seconds: float = 0.0  # first arrival to last answer, summed over rounds
+    profiles: list[dict] = field(default_factory=list)
+
+    def add(self, model: EarlyExitModel, workload: Workload, done_at: list[float], answers: list[tuple],
+            profile: dict) -> None:  # fmt: skip
+        self.latencies_ms += [1000 * (done - arrival) for done, arrival in zip(done_at, workload.arrivals)]
+        gold = _rows(label_tensor(workload.examples, model.spec.labels, model.spec.task))
+        self.correct += sum(answer[0] == truth for answer, truth in zip(answers, gold))
+        self.exit_layers += [answer[1] for answer in answers]
+        self.seconds += max(done_at) - min(workload.arrivals)
+        self.profiles.append(profile)
+
+    def profile(self) -> dict:
+        """Each profile figure averaged over the rounds (counts summed)."""
+        keys = self.profiles[0] if self.profiles else {}
+        merged = {}
+        for key in keys:
+            values = [profile[key] for profile in self.profiles]
+            merged[key] = sum(values) if key in ("steps", "batches") else round(sum(values) / len(values), 3)
+        return merged
+
+
+def summarise(contestant: Contestant, rate: float, measured: Measured) -> dict:
     """One result row: latency percentiles, throughput, accuracy and mean exit layer."""
-    latencies = [1000 * (done - arrival) for done, arrival in zip(done_at, workload.arrivals)]
-    gold = label_tensor(workload.examples, model.spec.labels, model.spec.task)
-    gold_rows = _rows(gold)
-    correct = sum(answer[0] == truth for answer, truth in zip(answers, gold_rows))
-    span = max(done_at) - min(workload.arrivals) if done_at else 0.0
+    latencies, count = measured.latencies_ms, len(measured.exit_layers)
     return {
         "scheduler": contestant.scheduler,
         "policy": contestant.policy,
         "rate": round(rate, 3),
         "max_batch_delay_ms": contestant.max_batch_delay_ms,
-        "requests": len(answers),
+        "requests": count,
         "p50_ms": round(percentile(latencies, 0.50), 2),
         "p95_ms": round(percentile(latencies, 0.95), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
-        "throughput": round(len(answers) / span, 2) if span > 0 else None,
-        "accuracy": round(correct / len(answers), 4),
-        "avg_exit_layer": round(sum(answer[1] for answer in answers) / len(answers), 3),
+        "throughput": round(count / measured.seconds, 2) if measured.seconds > 0 else None,
+        "accuracy": round(measured.correct / count, 4),
+        "avg_exit_layer": round(sum(measured.exit_layers) / count, 3),
+        "profile": measured.profile(),
     }
 
 
@@ -248,6 +271,7 @@ class OpenLoopBench:
         requests: int = 400,
         seed: int = 0,
         stock_model: EarlyExitModel | None = None,
+        rounds: int = 4,
     ):
         if not examples:
             raise ValueError("the open-loop benchmark needs at least one example")
@@ -259,16 +283,18 @@ class OpenLoopBench:
             "full": batch_runner(model, make_policy("full")),
             policy.name: batch_runner(model, policy),
         }
-        self.profiles: dict[float, dict] = {}
+        self.rounds = max(1, min(rounds, requests))
 
     def contestants(self) -> list[Contestant]:
         batch = [Contestant("batch", name, delay) for name in self.runners for delay in self.delays_ms]
         return [*batch, Contestant("continuous", self.policy.name)]
 
-    def workload(self, rate: float, requests: int | None = None) -> Workload:
-        count = requests or self.requests
-        chosen = [self.examples[i % len(self.examples)] for i in range(count)]
-        return Workload(chosen, poisson_arrivals(count, rate, self.seed))
+    def workload(self, rate: float, requests: int, round_number: int = 0) -> Workload:
+        """`requests` sentences from the data in order (a round starts where the previous one stopped) and
+        seeded Poisson arrivals: the same for every contestant."""
+        start = round_number * requests
+        chosen = [self.examples[(start + i) % len(self.examples)] for i in range(requests)]
+        return Workload(chosen, poisson_arrivals(requests, rate, self.seed + round_number))
 
     def warm_up(self) -> None:
         """Untimed runs of every engine path (first calls allocate and pick kernels)."""
@@ -283,14 +309,24 @@ class OpenLoopBench:
         run = self.runners[contestant.policy]
         return serve_batches(workload, run, self.batch_size, contestant.max_batch_delay_ms or 0.0, profile)
 
+    def run_all(self, contestants: list[Contestant], rate: float, requests: int | None = None) -> list[dict]:
+        """Every contestant on the same requests, taking turns: the requests are cut into `rounds` rounds and in
+        each round every contestant serves that round's requests, the first turn rotating, so that a machine
+        that speeds up or slows down during the benchmark does so for all of them alike."""
+        requests = requests or self.requests
+        per_round = max(requests // self.rounds, 1)
+        measured = [Measured() for _ in contestants]
+        for round_number in range(self.rounds):
+            workload = self.workload(rate, per_round, round_number)
+            for turn in range(len(contestants)):
+                index = (round_number + turn) % len(contestants)
+                profile: dict = {}
+                done_at, answers = self.serve(contestants[index], workload, profile)
+                measured[index].add(self.model, workload, done_at, answers, profile)
+        return [summarise(contestant, rate, result) for contestant, result in zip(contestants, measured)]
+
     def run(self, contestant: Contestant, rate: float, requests: int | None = None) -> dict:
-        workload = self.workload(rate, requests)
-        profile: dict = {}
-        done_at, answers = self.serve(contestant, workload, profile)
-        row = summarise(self.model, workload, contestant, rate, done_at, answers)
-        if profile:
-            row["profile"] = profile
-        return row
+        return self.run_all([contestant], rate, requests)[0]
 
     def capacity(self) -> float:
         """Full depth's saturation throughput, batch-level with no delay: every request waiting at the start."""
@@ -370,11 +406,12 @@ def run_open_loop(
     say(f"full-depth capacity {capacity:.1f} requests/s; rates {', '.join(f'{r:.1f}' for r in rates)}")
     rows = []
     for rate in rates:
-        for contestant in bench.contestants():
-            rows.append(bench.run(contestant, rate))
-            row = rows[-1]
-            say(f"{rate:7.1f}/s {contestant.scheduler:10} {contestant.policy:8} delay "
-                f"{contestant.max_batch_delay_ms}: p50 {row['p50_ms']} p95 {row['p95_ms']} ms")  # fmt: skip
+        rows += bench.run_all(bench.contestants(), rate)
+        for row in rows[-len(bench.contestants()) :]:
+            say(
+                f"{rate:7.1f}/s {row['scheduler']:10} {row['policy']:8} delay {row['max_batch_delay_ms']}: "
+                f"p50 {row['p50_ms']} p95 {row['p95_ms']} ms"
+            )
     best = best_rows(rows)
     top_rate = max(rates)
     slo_capacity = {}
@@ -394,6 +431,7 @@ def run_open_loop(
         "batch_size": bench.batch_size,
         "limits": vars(bench.limits),
         "requests_per_run": bench.requests,
+        "rounds": bench.rounds,
         "slo_p95_ms": slo_p95_ms,
         "results": rows,
         "best": best,

@@ -32,7 +32,7 @@ import yaml
 from ..engine.gate import GATE_FILE
 from ..engine.model import read_model_spec
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec, parse_yaml
-from ..serving.config import ServeConfig
+from ..serving.config import SCHEDULERS, ServeConfig, scheduler_keys
 from ..serving.service import ARCHIVE_MODEL_DIR
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # epee_core
@@ -102,26 +102,6 @@ def check_archive(archive: str | Path) -> ServeConfig | None:
         raise ConfigError(f"{archive}: not a TorchServe archive with a readable manifest ({error})") from None
     source = f"{config_name} in {archive}"
     return ServeConfig.from_model_yaml(parse_yaml(text, source), source)
-
-
-SCHEDULERS = ("batch", "continuous")
-
-
-def scheduler_keys(config: dict, scheduler: str) -> dict:
-    """The TorchServe keys of a model YAML for `scheduler`.
-
-    `continuous` turns on TorchServe's continuous batching, where one handler call is one step of the layer-level
-    scheduler: `batchSize` becomes the requests TorchServe keeps in flight (the `epee:` section's
-    `max_rows_in_flight`, default 64) and `maxBatchDelay` 1 ms, since an idle worker waits that long for company
-    (TorchServe 0.12 replaces an archive's 0 by its default of 100 ms: `ModelManager.java`, "marMaxBatchDelay >
-    0"). `batch` is TorchServe's dynamic batching, with the YAML's own batch size and delay."""
-    config = dict(config)
-    if scheduler == "continuous":
-        limits = ServeConfig.from_section(config.get("epee")).scheduler_limits
-        config.update(continuousBatching=True, batchSize=limits.max_rows_in_flight, maxBatchDelay=1)
-    else:
-        config.pop("continuousBatching", None)
-    return config
 
 
 def _archived_config(config_path: Path, target: Path, quantize: str | None, scheduler: str | None) -> Path:

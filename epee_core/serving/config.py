@@ -34,6 +34,7 @@ SERVE_KEYS = {
     "max_rows_in_flight": int,
     "max_admit_rows": int,
     "max_step_tokens": int,
+    "max_cohorts": int,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -191,10 +192,13 @@ class ServeConfig:
     max_rows_in_flight: int = 64
     max_admit_rows: int = 32
     max_step_tokens: int = 16384
+    max_cohorts: int = 2
 
     @property
     def scheduler_limits(self) -> SchedulerLimits:
-        return SchedulerLimits(self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens)
+        return SchedulerLimits(
+            self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens, self.max_cohorts
+        )
 
     @property
     def guarantee_header(self) -> str | None:
@@ -229,7 +233,7 @@ class ServeConfig:
             )
         positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
                     "max_rows_per_request", "slo_p95_ms", "max_rows_in_flight", "max_admit_rows",
-                    "max_step_tokens")  # fmt: skip
+                    "max_step_tokens", "max_cohorts")  # fmt: skip
         for key in positive:
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")
@@ -300,3 +304,23 @@ class ServeConfig:
             raise PolicyError(f"policy '{name}' needs gold labels and cannot be served")
         base = make_policy(name, self.policy_params, strict=False).params
         return make_policy(name, {**base, **override}, strict=True) if override else make_policy(name, base)
+
+
+SCHEDULERS = ("batch", "continuous")
+
+
+def scheduler_keys(config: dict, scheduler: str) -> dict:
+    """The TorchServe keys of a model YAML for `scheduler`.
+
+    `continuous` turns on TorchServe's continuous batching, where one handler call is one step of the layer-level
+    scheduler: `batchSize` becomes the requests TorchServe keeps in flight (the `epee:` section's
+    `max_rows_in_flight`, default 64) and `maxBatchDelay` 1 ms, since an idle worker waits that long for company
+    (TorchServe 0.12 replaces an archive's 0 by its default of 100 ms: `ModelManager.java`, "marMaxBatchDelay >
+    0"). `batch` is TorchServe's dynamic batching, with the YAML's own batch size and delay."""
+    config = dict(config)
+    if scheduler == "continuous":
+        limits = ServeConfig.from_section(config.get("epee")).scheduler_limits
+        config.update(continuousBatching=True, batchSize=limits.max_rows_in_flight, maxBatchDelay=1)
+    else:
+        config.pop("continuousBatching", None)
+    return config

@@ -46,6 +46,9 @@ class SchedulerLimits:
     max_rows_in_flight: int = 64  # rows in all cohorts together
     max_admit_rows: int = 32  # rows admitted in one step (the size of a new cohort)
     max_step_tokens: int = 16384  # padded tokens the layers of one step process, summed over cohorts
+    # cohorts in flight: while this many run, new requests wait and gather into one larger cohort. Two beat both
+    # one (run to completion) and no bound (every step runs every cohort) on a CPU (docs/performance.md)
+    max_cohorts: int = 2
 
     def check(self) -> None:
         for name, value in vars(self).items():
@@ -160,6 +163,8 @@ class LayerScheduler:
         """The waiting requests this step admits: a prefix of the queue (arrival order, no overtaking) within
         the limits; the first waiting request always runs when nothing is in flight."""
         limits = self.limits
+        if len(self.cohorts) >= limits.max_cohorts:
+            return []
         rows_in_flight = self.rows_in_flight
         step_tokens = sum(cohort.tokens for cohort in self.cohorts)
         admitted: list[_Ticket] = []
@@ -183,23 +188,34 @@ class LayerScheduler:
 
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        """Admit, run one layer for every cohort, and return the requests whose last row exited."""
+        """Run one layer for every cohort in flight, admit waiting requests as new cohorts (their embeddings and
+        first layer run in this step too), and return the requests whose last row exited."""
         self.steps += 1
         finished: list[Finished] = []
+        self.cohorts = self._advance_all(self.cohorts, finished)
+        self.cohorts += self._advance_all(self._admit(finished), finished)
+        return finished
+
+    def _admit(self, finished: list[Finished]) -> list[_Cohort]:
+        """New cohorts at depth 0 from the requests `_admissible` lets in: one per policy and length bucket."""
         admitted = self._admissible()
         for _ in admitted:
             self.waiting.popleft()
         by_policy: dict[tuple, list[_Ticket]] = {}
         for ticket in admitted:
             by_policy.setdefault(policy_key(ticket.policy), []).append(ticket)
+        cohorts: list[_Cohort] = []
         for tickets in by_policy.values():
             for bucket in length_buckets([ticket.width for ticket in tickets], BUCKET_OVERHEAD_TOKENS):
-                self.cohorts += self._isolated(self._embed, [tickets[i] for i in sorted(bucket)], finished)
+                cohorts += self._isolated(self._embed, [tickets[i] for i in sorted(bucket)], finished)
+        return cohorts
+
+    def _advance_all(self, cohorts: list[_Cohort], finished: list[Finished]) -> list[_Cohort]:
+        """One layer for each cohort; the cohorts that still hold rows."""
         advanced: list[_Cohort] = []
-        for cohort in self.cohorts:
+        for cohort in cohorts:
             advanced += self._isolated_layer(cohort, finished)
-        self.cohorts = [cohort for cohort in advanced if cohort.group.rows]
-        return finished
+        return [cohort for cohort in advanced if cohort.group.rows]
 
     def _embed(self, tickets: list[_Ticket]) -> list[_Cohort]:
         """A new cohort at depth 0 from the requests' rows."""
