@@ -12,10 +12,13 @@ from ..engine.policies import Policy
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec
 from ..serving.config import SCHEDULERS, ServeConfig, scheduler_keys
 
-# What `epee bench --arrival-rate` found best for a calibrated MiniLM on unseen ADE sentences (docs/performance.md,
-# "Latency under load"): the scheduler, and the batch delay when the batch scheduler is chosen.
-DEFAULT_SCHEDULER = "continuous"
-DEFAULT_MAX_BATCH_DELAY = 5
+# What the benchmarks found best for the certified MiniLM on unseen ADE sentences (docs/latency.md). In process
+# (`epee bench --arrival-rate`) the layer-level scheduler tied with batch-level EPEE at no delay; on a real
+# TorchServe under the clinical-day Locust shape batch-level EPEE had the lower p95 (500 ms against 610 ms: the
+# layer-level scheduler pays a frontend-worker round trip per layer). The best delay was 0 ms, and TorchServe
+# replaces an archive's 0 by its default of 100 ms, so 1 ms is the closest a YAML can ask for.
+DEFAULT_SCHEDULER = "batch"
+DEFAULT_MAX_BATCH_DELAY = 1
 
 
 @dataclass

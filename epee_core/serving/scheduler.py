@@ -2,17 +2,19 @@
 
 Rows in flight live in *cohorts*: the rows of one policy admitted at the same step, which therefore stand at the
 same depth. One `step()`:
-1. admits waiting requests, in arrival order and within the limits, as new cohorts (one per policy) at the
-   embeddings;
-2. runs one layer for every cohort, then the exit heads and each cohort's policy;
+1. runs one layer for every cohort in flight, then the exit heads and each cohort's policy;
+2. admits waiting requests, in arrival order and within the limits, as new cohorts (one per policy and length
+   bucket), which run their embeddings and first layer in the same step;
 3. hands back every request whose rows have all exited, the moment the last one does.
 A request never waits for a batch to fill or for a slower batch-mate: it starts at the next step, and it leaves
 at the step its policy lets it exit.
 
 Requests admitted in one step are cut into cohorts of similar length (the runner's `length_buckets`): a layer
 costs about its padded tokens, so one long note does not make the short sentences beside it pay for its padding.
-Cohorts are never merged afterwards: rows at different depths need different layers, and keeping one policy per
-cohort keeps its policy state whole (docs/performance.md measures what a step costs).
+Cohorts are never merged afterwards: rows at different depths need different layers. `max_cohorts` bounds the
+cohorts in flight: while that many run, new requests wait and gather into one larger cohort, which a CPU runs more
+efficiently than many one-row cohorts, and a deep request is slowed by fewer newcomers (docs/performance.md,
+"Latency under load", measures 1, 2 and no bound).
 
 Invariant (tested over random arrival schedules): every row gets exactly the prediction and exit layer it gets
 alone, whatever it ran beside and whenever it arrived. The scheduler calls the same backbone layers, exit heads and
