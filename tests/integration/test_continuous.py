@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -128,20 +129,33 @@ def test_open_inference_protocol_requests_from_tritonclient(setup, expected):
 
 
 def test_hostile_requests_get_their_own_4xx_while_good_ones_stream_beside_them(setup, expected):
-    good = [{"json": {"text": text}, "headers": auth(setup)} for text in SENTENCES]
+    """64 concurrent requests, one in eight hostile: each hostile one gets its own 4xx before any chunk, every good
+    one the answer it gets alone."""
+    texts = SENTENCES * 7
+    good = [{"json": {"text": text}, "headers": auth(setup)} for text in texts]
     hostile = [{**call, "headers": {**auth(setup), **call.get("headers", {})}} for call, _, _ in HOSTILE]
-    calls = [call for pair in zip(good, hostile) for call in pair]
+    calls = [*good]
+    for number, call in enumerate(hostile):
+        calls.insert(number * 8 + 3, call)
     responses = post_all(predict_url(setup), calls)
-    for number, response in enumerate(responses):
-        if number % 2 == 0:
-            text = SENTENCES[number // 2]
-            assert response.status_code == 200, response.text
-            assert response.json()["exit_layer"] == expected[text]["exit_layer"]
-        else:
-            _, status, fragment = HOSTILE[number // 2]
+    hostile_seen = 0
+    good_answers = iter(texts)
+    for call, response in zip(calls, responses):
+        if call in hostile:
+            _, status, fragment = HOSTILE[hostile.index(call)]
             assert response.status_code == status, (fragment, response.text)
             assert "Transfer-Encoding" not in response.headers  # refused before any chunk
             assert fragment in response.json()["error"]
+            hostile_seen += 1
+        else:
+            text = next(good_answers)
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert (body["label"], body["exit_layer"]) == (
+                expected[text]["label"],
+                expected[text]["exit_layer"],
+            )
+    assert (len(calls), hostile_seen) == (64, 8)
 
 
 def test_a_worker_killed_mid_step_loses_no_request(setup, expected):
@@ -201,3 +215,6 @@ def test_packaging_back_to_batch_turns_continuous_batching_off(setup, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert main(["package", "--model", str(setup["model_dir"]), "--config", str(path), "--name", "back",
                  "--export-path", str(tmp_path), "--scheduler", "batch", "--json"]) == 0  # fmt: skip
+    with zipfile.ZipFile(tmp_path / "back.mar") as archive:
+        archived = yaml.safe_load(archive.read(path.name))
+    assert "continuousBatching" not in archived and archived["batchSize"] == 8
