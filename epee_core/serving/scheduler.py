@@ -13,8 +13,8 @@ Requests admitted in one step are cut into cohorts of similar length (the runner
 costs about its padded tokens, so one long note does not make the short sentences beside it pay for its padding.
 Cohorts are never merged afterwards: rows at different depths need different layers. `max_cohorts` bounds the
 cohorts in flight: while that many run, new requests wait and gather into one larger cohort, which a CPU runs more
-efficiently than many one-row cohorts, and a deep request is slowed by fewer newcomers (docs/performance.md,
-"Latency under load", measures 1, 2 and no bound).
+efficiently than many one-row cohorts, and a deep request is slowed by fewer newcomers (docs/latency.md measures
+1, 2 and no bound).
 
 Invariant (tested over random arrival schedules): every row gets exactly the prediction and exit layer it gets
 alone, whatever it ran beside and whenever it arrived. The scheduler calls the same backbone layers, exit heads and
@@ -23,8 +23,8 @@ alone, whatever it ran beside and whenever it arrived. The scheduler calls the s
 Fault isolation: a request whose inputs make an engine call raise is failed alone. The cohort is split into its
 requests, each runs the call again on its own, and only the requests that still raise get their exception back.
 
-Plain PyTorch, no server import: TorchServe's continuous batching (one `handle()` call = one step) and an asyncio
-loop drive the same class.
+Plain PyTorch, no server import: TorchServe's continuous batching (one `handle()` call = one step) and the
+open-loop benchmark (`epee bench --arrival-rate`) drive the same class.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SchedulerLimits:
     max_admit_rows: int = 32  # rows admitted in one step (the size of a new cohort)
     max_step_tokens: int = 16384  # padded tokens the layers of one step process, summed over cohorts
     # cohorts in flight: while this many run, new requests wait and gather into one larger cohort. Two beat both
-    # one (run to completion) and no bound (every step runs every cohort) on a CPU (docs/performance.md)
+    # one (run to completion) and no bound (every step runs every cohort) on a CPU (docs/latency.md)
     max_cohorts: int = 2
 
     def check(self) -> None:
@@ -84,8 +84,12 @@ class _Ticket:
     inputs: dict[str, torch.Tensor]  # n rows, right-padded to this request's longest row
     policy: Policy
     lengths: list[int]  # real tokens per row
-    results: list[RowResult | None] = field(default_factory=list)
-    pending: int = 0  # rows still running
+    results: list[RowResult | None] = field(init=False)  # per row, once it exited
+    pending: int = field(init=False)  # rows still running
+
+    def __post_init__(self) -> None:
+        self.results = [None] * self.num_rows
+        self.pending = self.num_rows
 
     @property
     def num_rows(self) -> int:
@@ -147,10 +151,7 @@ class LayerScheduler:
         mask = inputs.get("attention_mask")
         num_rows = next(iter(inputs.values())).shape[0]
         lengths = mask.sum(1).tolist() if mask is not None else [1] * num_rows  # images count as rows
-        ticket = _Ticket(key, dict(inputs), policy, [int(n) for n in lengths])
-        ticket.results = [None] * num_rows
-        ticket.pending = num_rows
-        self.waiting.append(ticket)
+        self.waiting.append(_Ticket(key, dict(inputs), policy, [int(n) for n in lengths]))
 
     @property
     def rows_in_flight(self) -> int:
@@ -226,9 +227,8 @@ class LayerScheduler:
         hidden, mask = self.model.backbone.embed(inputs)
         rows = [(ticket, row) for ticket in tickets for row in range(ticket.num_rows)]
         state = init_state(len(rows), len(self.model.spec.labels), hidden.device, mask.sum(1))
-        policy = tickets[0].policy
+        policy = tickets[0].policy  # `pad_inputs` padded to the longest row: nothing to trim
         group = RowGroup(rows, hidden, mask, state, None)
-        group = take_rows(group, list(range(len(rows))), _longest(group, list(range(len(rows)))))
         return [_Cohort(group, policy, 0, first_exit_read(policy, self.model.num_layers))]
 
     def _isolated(self, call, tickets: list[_Ticket], finished: list[Finished]) -> list[_Cohort]:
@@ -237,7 +237,7 @@ class LayerScheduler:
             return call(tickets)
         except Exception as error:
             if len(tickets) == 1:
-                finished.append(Finished(tickets[0].key, None, error))
+                self._fail(tickets[0], error, finished)
                 return []
             return [cohort for ticket in tickets for cohort in self._isolated(call, [ticket], finished)]
 
@@ -260,6 +260,7 @@ class LayerScheduler:
             return parts
 
     def _fail(self, ticket: _Ticket, error: BaseException, finished: list[Finished]) -> None:
+        """The request failed alone: it is finished, with `error` and no rows."""
         ticket.pending = 0
         finished.append(Finished(ticket.key, None, error))
 
