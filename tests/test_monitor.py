@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from epee_core.serving.monitor import DisagreementMonitor, alarm_row
+from epee_core.serving.monitor import DisagreementMonitor, ExitDriftDetector, alarm_row
 
 EPSILON = 0.01
 ALPHA = 0.05
@@ -190,3 +190,49 @@ def test_agrapa_and_villes_test_reject_a_violating_stream_at_similar_times_and_h
         for _ in range(STREAMS)
     )
     assert h0_alarms <= MOST_FALSE_ALARMS
+
+
+# --- the label-free exit-layer drift detector -------------------------------------------------------------------
+
+REFERENCE = [600, 250, 100, 50]  # exit-layer counts of a calibration cache: most rows leave early
+DRIFTED = [0.1, 0.2, 0.3, 0.4]  # the traffic moved: most rows now run deep
+
+
+def exit_layers(probabilities, rows: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.choice(
+        np.arange(1, len(probabilities) + 1), size=rows, p=np.asarray(probabilities) / np.sum(probabilities)
+    )
+
+
+def test_drift_warnings_within_m_rows_stay_below_m_over_c_without_drift():
+    """Doob's inequality on the e-detector: P(warning within m rows) <= m / c; here m / c = 0.1."""
+    rng = np.random.default_rng(3)
+    warned = 0
+    for _ in range(STREAMS):
+        detector = ExitDriftDetector(REFERENCE, mean_rows_between_false_warnings=10_000)
+        warned += any(detector.update(int(layer)) for layer in exit_layers(REFERENCE, 1000, rng))
+    assert warned <= stats.binom.ppf(0.999, STREAMS, 0.1)
+
+
+def test_drift_in_the_exit_layers_warns_soon_after_it_starts():
+    rng = np.random.default_rng(4)
+    detector = ExitDriftDetector(REFERENCE, mean_rows_between_false_warnings=10_000)
+    for layer in exit_layers(REFERENCE, 1000, rng):
+        detector.update(int(layer))
+    assert detector.first_warning_at is None
+    for layer in exit_layers(DRIFTED, 1000, rng):
+        detector.update(int(layer))
+    assert detector.first_warning_at is not None and 1000 < detector.first_warning_at < 1300
+
+
+def test_the_drift_ratio_for_a_row_is_fixed_before_the_row():
+    """The likelihood ratio used on a row comes from the rows before it: S_t = (S_{t-1} + 1) q(x) / p0(x) with
+    q announced before x, whatever x is."""
+    detector = ExitDriftDetector(REFERENCE, window=50)
+    for layer in exit_layers(DRIFTED, 80, np.random.default_rng(5)):
+        detector.update(int(layer))
+    for layer in (1, 4):
+        announced = detector.alternative(layer) / detector.reference[layer - 1]
+        branch = copy.deepcopy(detector)
+        branch.update(layer)
+        assert branch.detector == pytest.approx((detector.detector + 1) * announced)

@@ -11,6 +11,7 @@ Plain Python (no torch): the worker, `epee audit` and a study can all feed it.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -142,3 +143,69 @@ def alarm_row(disagreements: Any, epsilon: float, alpha: float = 0.05, bet: str 
         if monitor.update(bool(disagree)):
             break
     return monitor.alarm_at
+
+
+class ExitDriftDetector:
+    """Label-free early warning: are the served exit layers still distributed as at calibration?
+
+    H0: exit layers are independent draws from the reference distribution p0 (the calibration cache's exit-layer
+    histogram, smoothed by half a row per layer). Each row multiplies by the likelihood ratio q(x) / p0(x), where
+    q mixes p0 with the last `window` rows: q is fixed before the row is seen, so the ratio has mean 1 under H0.
+    The Shiryaev-Roberts e-detector S_t = (S_{t-1} + 1) q(x_t) / p0(x_t) then has S_t - t a martingale under H0:
+    warnings (S_t >= `mean_rows_between_false_warnings`, c) come on average at most once every c rows, and
+    within the first m rows with probability at most m / c (Shin, Ramdas & Rinaldo, "E-detectors").
+    A warning, not an alarm: a shifted exit profile may still agree with full depth."""
+
+    def __init__(
+        self, reference_counts: list[int], mean_rows_between_false_warnings: float = 10_000, window: int = 500
+    ):
+        if len(reference_counts) < 2 or min(reference_counts) < 0 or sum(reference_counts) <= 0:
+            raise ValueError(
+                "reference_counts: one non-negative count per layer, at least two layers, not all 0"
+            )
+        if mean_rows_between_false_warnings <= 1 or window < 1:
+            raise ValueError("mean_rows_between_false_warnings must exceed 1 and window be at least 1")
+        smoothed = [count + 0.5 for count in reference_counts]
+        self.reference = [count / sum(smoothed) for count in smoothed]
+        self.threshold = float(mean_rows_between_false_warnings)
+        self.window = window
+        self.recent: deque[int] = deque(maxlen=window)  # exit layers (1-based) of the last `window` rows
+        self.recent_counts = [0] * len(reference_counts)  # how often each layer occurs in `recent`
+        self.log_detector = -math.inf  # log S_t, S_0 = 0
+        self.rows = 0
+        self.first_warning_at: int | None = None
+
+    @property
+    def detector(self) -> float:
+        """S_t, the value to export as a gauge."""
+        return math.exp(min(self.log_detector, 700.0))
+
+    @property
+    def warning(self) -> bool:
+        return self.log_detector >= math.log(self.threshold)
+
+    def alternative(self, exit_layer: int) -> float:
+        """q(exit_layer): p0 mixed with the recent rows, as fixed before the next row (prior weight: 50 rows)."""
+        prior_weight = 50.0
+        recent = self.recent_counts[exit_layer - 1]
+        return (prior_weight * self.reference[exit_layer - 1] + recent) / (prior_weight + len(self.recent))
+
+    def update(self, exit_layer: int) -> bool:
+        """Add one served row's exit layer (1-based); returns whether the detector warns now."""
+        if not 1 <= exit_layer <= len(self.reference):
+            raise ValueError(f"exit_layer must be in 1..{len(self.reference)}, got {exit_layer}")
+        ratio = self.alternative(exit_layer) / self.reference[exit_layer - 1]
+        self.log_detector = _log_add_one(self.log_detector) + math.log(ratio)
+        if len(self.recent) == self.window:
+            self.recent_counts[self.recent[0] - 1] -= 1
+        self.recent.append(exit_layer)
+        self.recent_counts[exit_layer - 1] += 1
+        self.rows += 1
+        if self.warning and self.first_warning_at is None:
+            self.first_warning_at = self.rows
+        return self.warning
+
+
+def _log_add_one(log_value: float) -> float:
+    """log(exp(log_value) + 1), stable for large values."""
+    return log_value + math.log1p(math.exp(-log_value)) if log_value > 0 else math.log1p(math.exp(log_value))
