@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import DEMO_DATA, build_tiny_model
+from helpers import DEMO_DATA, MARKABLE_RELATION_ROW, UNMARKABLE_RELATION_ROW, build_tiny_model
 
 from epee_core.cli import main
 from epee_core.cli.audit import certified_rate
@@ -109,3 +109,20 @@ def test_the_guarantee_accepts_a_consistency_bound_in_zero_one():
     assert serve.guarantee["consistency_bound"] == 0.03
     with pytest.raises(ValueError, match=r"'guarantee.consistency_bound' must be in \[0.0, 1.0\]"):
         ServeConfig.from_section({"guarantee": {**ACCURACY, "consistency_bound": 1.5}})
+
+
+def test_a_relation_stream_is_read_from_text_head_and_tail(capsys, tmp_path, tokenizer):
+    model_dir = tmp_path / "relation"
+    build_tiny_model(tokenizer, task="relation-extraction").save_pretrained(model_dir)
+    stream = tmp_path / "relations.jsonl"
+    stream.write_text(json.dumps(MARKABLE_RELATION_ROW) + "\n" + json.dumps(UNMARKABLE_RELATION_ROW) + "\n")
+    config = tmp_path / "model.yaml"
+    config.write_text(f"epee:\n  policy: full\n{GUARANTEE}")
+    code = main(["audit", "--model", str(model_dir), "--config", str(config), "--stream", str(stream)])
+    assert code == 2  # the second row's tail cannot be marked: named like a bad request
+    assert f"{stream}: line 2" in capsys.readouterr().err
+    stream.write_text(json.dumps(MARKABLE_RELATION_ROW) + "\n")
+    assert main(["audit", "--model", str(model_dir), "--config", str(config), "--stream", str(stream),
+                 "--audit-fraction", "1", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows"], report["audited"], report["alarm_at_row"]) == (1, 1, None)
