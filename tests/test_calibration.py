@@ -537,8 +537,10 @@ def test_certified_choice_on_a_cache_large_enough():
     exit_layer = replay_policy(result.chosen.policy, cache.logits, False).exit_layer
     assert exit_layer.tolist() == [1] * 1000 + [3] * 1000
     guarantee = result.guarantee
-    assert set(guarantee) == GUARANTEE_KEYS and guarantee["kind"] == "accuracy"
+    assert set(guarantee) == GUARANTEE_KEYS | {"consistency_bound"} and guarantee["kind"] == "accuracy"
     assert (guarantee["epsilon"], guarantee["delta"], guarantee["n"]) == (0.01, 0.1, 1200)
+    # the chosen setting agrees with full depth on every test row: Clopper-Pearson gives 1 - 0.1^(1/1200)
+    assert guarantee["consistency_bound"] == pytest.approx(1 - 0.1 ** (1 / 1200), abs=2e-6)
     assert guarantee["bound"] <= 0.01 and "learn-then-test" in guarantee["method"]
     assert result.choice.reason.startswith("accuracy risk ≤ 0.01 certified with probability ≥ 0.9")
     report = result.report(include_settings=False)

@@ -430,4 +430,18 @@ def selection_from_cache(
         cost=[float(exits[i].mean()) for i in path],
         names=[names[i] for i in path],
     )
+    if guarantee == "accuracy" and result.setting is not None:
+        result.info["consistency_bound"] = consistency_bound(
+            predictions[result.setting], full_predictions, test_rows, delta
+        )
     return Selection(result.setting, result.reason, result.info, path, result.pvalues)
+
+
+def consistency_bound(
+    predictions: np.ndarray, full_predictions: np.ndarray, test_rows: np.ndarray, delta: float
+) -> float:
+    """Clopper–Pearson upper bound (level 1 − δ, rounded up to 6 decimals) on the setting's disagreement with
+    full depth over the test rows: the rate a production monitor tests against (docs/monitoring.md)."""
+    disagreements = paired_losses(predictions, full_predictions, None, "consistency")[test_rows]
+    upper = binomial_upper(int(disagreements.sum()), disagreements.size, delta)
+    return min(math.ceil(round(upper * 1e6, 6)) / 1e6, 1.0)

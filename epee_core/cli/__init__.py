@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from .audit import add_audit
 from .calibrate import add_calibrate
 from .common import user_errors
 from .data import add_data
@@ -31,6 +32,7 @@ COMMANDS = [
     add_loadtest,
     add_report,
     add_data,
+    add_audit,
 ]
 
 

@@ -128,9 +128,10 @@ def _number(value: Any, key: str, source: str, low: float, high: float) -> float
 
 def check_guarantee(value: Any, source: str) -> dict[str, Any]:
     """The `guarantee:` mapping: `epsilon` (the budget), `delta` (the risk), `bound` (the upper confidence bound,
-    at most `epsilon`), `n` (test rows), `method`, and optionally `kind` (accuracy or consistency)."""
+    at most `epsilon`), `n` (test rows), `method`, and optionally `kind` (accuracy or consistency) and
+    `consistency_bound` (an accuracy certificate's bound on disagreement with full depth, docs/monitoring.md)."""
     check_type(value, "guarantee", dict, source)
-    allowed = (*GUARANTEE_KEYS, "kind")
+    allowed = (*GUARANTEE_KEYS, "kind", "consistency_bound")
     unknown = sorted(set(value) - set(allowed))
     missing = [key for key in GUARANTEE_KEYS if key not in value]
     if unknown or missing:
@@ -147,6 +148,8 @@ def check_guarantee(value: Any, source: str) -> dict[str, Any]:
             f"{source}: 'guarantee.bound' {value['bound']} exceeds 'guarantee.epsilon' {epsilon}: not a "
             f"certified guarantee"
         )
+    if "consistency_bound" in value:
+        _number(value["consistency_bound"], "consistency_bound", source, 0.0, 1.0)
     if check_type(value["n"], "guarantee.n", int, source) < 1:
         raise ConfigError(f"{source}: 'guarantee.n' must be a positive integer, got {value['n']!r}")
     if not check_type(value["method"], "guarantee.method", str, source).strip():
