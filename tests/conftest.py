@@ -18,3 +18,11 @@ def tokenizer():
 @pytest.fixture
 def tiny_model(tokenizer) -> EarlyExitModel:
     return build_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tokenizer, tmp_path_factory):
+    """A tiny text model saved as a model directory (one per test module)."""
+    directory = tmp_path_factory.mktemp("tiny-model") / "model"
+    build_tiny_model(tokenizer).save_pretrained(directory)
+    return directory

@@ -22,10 +22,8 @@ GUARANTEE = (
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("audit") / "model"
-    build_tiny_model(tokenizer).save_pretrained(directory)
-    return directory
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

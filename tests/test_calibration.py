@@ -277,10 +277,8 @@ def test_unknown_metric_for_the_task_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tokenizer, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("calibration") / "model"
-    build_tiny_model(tokenizer).save_pretrained(directory)
-    return directory
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

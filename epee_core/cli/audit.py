@@ -9,6 +9,15 @@ from typing import Any
 
 from .common import CommandError, emit
 
+# flag, type, default, help
+AUDIT_OPTIONS = (
+    ("--audit-fraction", float, 0.02, "share of rows also run to full depth (default 0.02)"),
+    ("--alpha", float, 0.05, "false-alarm level (default 0.05)"),
+    ("--epsilon", float, None, "certified disagreement rate (default: from the guarantee)"),
+    ("--seed", int, 0, "seed of the audit sampling (default 0)"),
+    ("--batch-size", int, 8, "rows per engine call (default 8)"),
+)
+
 
 def add_audit(commands) -> None:
     parser = commands.add_parser(
@@ -24,18 +33,8 @@ def add_audit(commands) -> None:
     parser.add_argument(
         "--stream", required=True, help="JSONL requests, one per line: {'text'} or {'text', 'head', 'tail'}"
     )
-    parser.add_argument(
-        "--audit-fraction",
-        type=float,
-        default=0.02,
-        help="share of rows also run to full depth (default 0.02)",
-    )
-    parser.add_argument("--alpha", type=float, default=0.05, help="false-alarm level (default 0.05)")
-    parser.add_argument(
-        "--epsilon", type=float, help="certified disagreement rate (default: from the guarantee)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the audit sampling (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per engine call (default 8)")
+    for flag, kind, default, text in AUDIT_OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument(
         "--rows-out", help="write one JSON line per row: exit layer, policy, audit, disagreement"
     )
