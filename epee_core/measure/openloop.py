@@ -54,10 +54,6 @@ class Workload:
     examples: list[Example]
     arrivals: list[float]  # seconds from the start, increasing
 
-    @property
-    def rate(self) -> float:
-        return len(self.arrivals) / self.arrivals[-1] if self.arrivals and self.arrivals[-1] > 0 else math.inf
-
 
 def poisson_arrivals(count: int, rate: float, seed: int = 0) -> list[float]:
     """`count` arrival times of a Poisson process of `rate` requests/s (all at 0 for an infinite rate)."""

@@ -3,8 +3,8 @@
 `ContinuousBatcher` joins an `EarlyExitService` (decoding, validation, answers) to a `LayerScheduler` (the
 layer-level engine). A platform calls `accept` for each new request, which answers at once when the request
 cannot be served (its own 4xx, before any layer runs), and `step` to run one scheduler step, which returns the
-answers of the requests that just finished. TorchServe's continuous batching calls both from one `handle()`;
-`epee bench --arrival-rate` drives them from an open-loop arrival schedule.
+answers of the requests that just finished. TorchServe's continuous batching calls both from one `handle()`
+(handlers/base.py); `epee bench --arrival-rate` drives the scheduler itself, without answers to encode.
 """
 
 from __future__ import annotations
@@ -47,10 +47,6 @@ class ContinuousBatcher:
     def cancel(self, key: Hashable) -> None:
         """Forget a request whose client went away: it is answered to nobody."""
         self.requests.pop(key, None)
-
-    @property
-    def idle(self) -> bool:
-        return self.scheduler.idle
 
     @property
     def in_flight(self) -> int:

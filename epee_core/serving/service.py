@@ -32,6 +32,7 @@ from ..engine.runner import run_bucketed
 from ..engine.spec import ConfigError
 from . import oip
 from .config import ServeConfig
+from .scheduler import policy_key
 
 ARCHIVE_MODEL_DIR = "model"  # where `epee package` puts the model directory inside a .mar
 POLICY_HEADER = "X-EPEE-Policy"
@@ -339,8 +340,7 @@ class EarlyExitService:
         groups: dict[tuple, list[int]] = {}
         for index, item in enumerate(decoded):
             if isinstance(item, ServeRequest):
-                key = (item.policy.name, tuple(sorted(item.policy.params.items())))
-                groups.setdefault(key, []).append(index)
+                groups.setdefault(policy_key(item.policy), []).append(index)
         for indices in groups.values():
             requests = [decoded[index] for index in indices]
             for index, outcome in zip(indices, self._run_isolated(requests)):  # type: ignore[arg-type]
