@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -610,7 +611,13 @@ def test_container_config_serves_the_store_without_registration_token_or_model_a
     )
     assert main(["package", "--model", str(tmp_path / "tiny"), "--config", str(tmp_path / "tiny.yaml"),
                  "--name", "tiny", "--export-path", str(store)]) == 0  # fmt: skip
-    (store / "broken.mar").write_bytes((store / "tiny.mar").read_bytes()[:50_000])  # a truncated archive
+    # a truncated archive, cut in the middle of its largest entry: TorchServe's unzip (a ZipInputStream) then
+    # fails. A cut between entries, or bytes that are no zip at all, unzip to a partial or empty model that
+    # TorchServe registers anyway (its worker never loads)
+    data = (store / "tiny.mar").read_bytes()
+    with zipfile.ZipFile(store / "tiny.mar") as archive:
+        largest = max(archive.infolist(), key=lambda info: info.compress_size)
+    (store / "broken.mar").write_bytes(data[: largest.header_offset + 200 + largest.compress_size // 2])
 
     server = container_like_server(store)
     describe = f"{server.management}/models/tiny"
