@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from helpers import DEMO_DATA, build_tiny_model
 
 from epee_core.cli import main
@@ -68,6 +69,7 @@ def test_the_layer_level_contestant_answers_as_batch_level_epee(tokenizer, examp
 
 
 def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokenizer, tmp_path, capsys):
+    threads_before = torch.get_num_threads()
     model_dir = tmp_path / "model"
     build_tiny_model(tokenizer).save_pretrained(model_dir)
     config = tmp_path / "model.yaml"
@@ -80,9 +82,11 @@ def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokeniz
                             for i, row in enumerate(rows)))  # fmt: skip
     code = main(["bench", "--model", str(model_dir), "--data", str(data), "--config", str(config), "--arrival-rate", "0.5x,0.75x",
                  "--delays", "0,5", "--requests", "20", "--rounds", "2", "--output-dir", str(tmp_path / "reports"),
-                 "--json"])  # fmt: skip
+                 "--threads", "1", "--cohort-threads", "2", "--json"])  # fmt: skip
     assert code == 0
     report = json.loads(capsys.readouterr().out)
+    assert (report["threads"], report["cohort_threads"]) == (1, 2)
+    assert torch.get_num_threads() == threads_before  # the bench puts torch's setting back
     contestants = {(row["scheduler"], row["policy"], row["max_batch_delay_ms"]) for row in report["results"]}
     assert contestants == {
         ("batch", "hf", 0.0), ("batch", "hf", 5.0), ("batch", "full", 0.0), ("batch", "full", 5.0),
@@ -92,6 +96,10 @@ def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokeniz
         for key in ("rate", "p50_ms", "p95_ms", "p99_ms", "throughput", "accuracy", "avg_exit_layer"):
             assert row[key] is not None, key
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    accuracy = {(row["scheduler"], row["policy"], row["rate"]): row["accuracy"] for row in report["results"]}
+    for rate in report["rates"]:  # the same rows, answered as alone, whichever scheduler and threads
+        rate = round(rate, 3)
+        assert accuracy[("continuous", "entropy", rate)] == accuracy[("batch", "entropy", rate)]
     assert report["rates"] == pytest.approx([0.5 * report["capacity"], 0.75 * report["capacity"]], rel=1e-3)
     assert set(report["slo_capacity"]) == {"batch/hf", "batch/full", "batch/entropy", "continuous/entropy"}
     assert report["slo_p95_ms"] == 200

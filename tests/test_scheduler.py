@@ -4,6 +4,8 @@ for every backbone and every servable policy), within its limits and with failur
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from helpers import build_tiny_model, random_batch, random_pixels, single_row
@@ -90,6 +92,7 @@ limits = st.builds(
     max_admit_rows=st.integers(1, 6),
     max_step_tokens=st.integers(1, 400),
     max_cohorts=st.integers(1, 4),
+    cohort_threads=st.integers(1, 2),
 )
 
 
@@ -189,6 +192,37 @@ def test_new_requests_wait_and_gather_while_max_cohorts_run(setups):
     assert [cohort.depth for cohort in scheduler.cohorts] in ([1], [1, 1])
     assert sum(len(cohort.group.rows) for cohort in scheduler.cohorts) == 2
     assert not scheduler.waiting
+
+
+def test_cohort_threads_run_a_steps_cohorts_side_by_side(setups, monkeypatch):
+    """With two cohort threads, two cohorts in flight run their layer in the same step on the pool's threads,
+    and a newcomer is admitted from the cohorts in flight before the step (it waits while two run)."""
+    model, rows, _ = setups["bert"]
+    full = make_policy("full")
+    threads_seen: set[str] = set()
+    layer = model.backbone.layer
+    both_running = threading.Barrier(2, timeout=10)  # broken (an error) unless two layer calls overlap
+    checking = [True]
+
+    def recording_layer(*args):
+        name = threading.current_thread().name
+        threads_seen.add(name)
+        if name.startswith("epee-cohort") and checking[0]:
+            both_running.wait()
+        return layer(*args)
+
+    monkeypatch.setattr(model.backbone, "layer", recording_layer)
+    scheduler = LayerScheduler(model, SchedulerLimits(max_cohorts=2, cohort_threads=2))
+    scheduler.submit("first", rows[0], full)
+    scheduler.step()
+    scheduler.submit("second", rows[1], full)
+    scheduler.step()
+    assert sorted(cohort.depth for cohort in scheduler.cohorts) == [1, 2]
+    assert len(threads_seen - {"MainThread"}) == 2  # the second step's two layers ran on two pool threads
+    checking[0] = False
+    scheduler.submit("third", rows[2], full)
+    scheduler.step()
+    assert sorted(cohort.depth for cohort in scheduler.cohorts) == [2, 3] and len(scheduler.waiting) == 1
 
 
 def test_an_oversized_request_runs_alone_when_nothing_else_is_in_flight(setups):

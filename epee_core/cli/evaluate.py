@@ -141,6 +141,12 @@ def add_open_loop_arguments(parser) -> None:
         "--slo-p95-ms", type=float, help="p95 objective for slo_capacity (default: the YAML's slo_p95_ms)"
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
+    group.add_argument(
+        "--cohort-threads",
+        type=int,
+        help="threads that run the layer-level scheduler's cohorts side by side (default: the YAML's "
+        "cohort_threads); the batch contestants use --threads torch threads",
+    )
     # batch contestants take the YAML's batchSize (8 without a YAML or for a continuous one)
     group.add_argument("--plot", help="write the latency-vs-load plot (PNG) here")
 
@@ -209,6 +215,7 @@ def run_bench(args) -> None:
 
 def run_open_loop_bench(args) -> None:
     """`epee bench --arrival-rate`: one JSON object with `results`, `best`, `comparisons`, `slo_capacity`."""
+    import dataclasses
     import sys
     from pathlib import Path
 
@@ -245,7 +252,12 @@ def run_open_loop_bench(args) -> None:
     threads = args.threads or serve.num_threads or 1
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    bench = openloop.OpenLoopBench(model, data.examples, policy, batch_size, delays, serve.scheduler_limits,
+    limits = serve.scheduler_limits
+    if args.cohort_threads is not None:
+        if args.cohort_threads < 1:
+            raise CommandError(f"--cohort-threads must be at least 1, got {args.cohort_threads}")
+        limits = dataclasses.replace(limits, cohort_threads=args.cohort_threads)
+    bench = openloop.OpenLoopBench(model, data.examples, policy, batch_size, delays, limits,
                                    args.requests, args.seed, stock, args.rounds)  # fmt: skip
     say = (lambda message: print(message, file=sys.stderr)) if not args.json else None
     try:
@@ -255,7 +267,8 @@ def run_open_loop_bench(args) -> None:
     finally:
         torch.set_num_threads(previous_threads)
     report = {"model": args.model, "data": args.data, "config": args.config, "policy": policy.describe(),
-              "threads": threads, "quantize": quantize, **report, "skipped_rows": data.skipped_rows}  # fmt: skip
+              "threads": threads, "cohort_threads": limits.cohort_threads, "quantize": quantize, **report,
+              "skipped_rows": data.skipped_rows}  # fmt: skip
     stem = f"openloop-{Path(args.model).name}-{Path(args.data).stem}"
     out_dir = Path(args.output_dir or default_report_dir())
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,11 @@ class OpenLoopBench:
 
     def serve(self, contestant: Contestant, workload: Workload, profile: dict | None = None):
         if contestant.scheduler == "continuous":
-            return serve_continuously(workload, self.model, self.policy, self.limits, profile)
+            threads = torch.get_num_threads()  # cohort threads set torch's to 1; the batch contestants keep theirs
+            try:
+                return serve_continuously(workload, self.model, self.policy, self.limits, profile)
+            finally:
+                torch.set_num_threads(threads)
         run = self.runners[contestant.policy]
         return serve_batches(workload, run, self.batch_size, contestant.max_batch_delay_ms or 0.0, profile)
 

@@ -35,6 +35,7 @@ SERVE_KEYS = {
     "max_admit_rows": int,
     "max_step_tokens": int,
     "max_cohorts": int,
+    "cohort_threads": int,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -196,12 +197,14 @@ class ServeConfig:
     max_admit_rows: int = 32
     max_step_tokens: int = 16384
     max_cohorts: int = 2
+    cohort_threads: int = 1
 
     @property
     def scheduler_limits(self) -> SchedulerLimits:
         return SchedulerLimits(
-            self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens, self.max_cohorts
-        )
+            self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens, self.max_cohorts,
+            self.cohort_threads,
+        )  # fmt: skip
 
     @property
     def guarantee_header(self) -> str | None:
@@ -236,7 +239,7 @@ class ServeConfig:
             )
         positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
                     "max_rows_per_request", "slo_p95_ms", "max_rows_in_flight", "max_admit_rows",
-                    "max_step_tokens", "max_cohorts")  # fmt: skip
+                    "max_step_tokens", "max_cohorts", "cohort_threads")  # fmt: skip
         for key in positive:
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")

@@ -30,8 +30,10 @@ open-loop benchmark (`epee bench --arrival-rate`) drive the same class.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -51,6 +53,9 @@ class SchedulerLimits:
     # cohorts in flight: while this many run, new requests wait and gather into one larger cohort. Two beat both
     # one (run to completion) and no bound (every step runs every cohort) on a CPU (docs/latency.md)
     max_cohorts: int = 2
+    # threads that run a step's cohorts side by side, each cohort on one thread with one torch thread: a
+    # worker's cores serve two cohorts at once instead of splitting one small matrix product (docs/latency.md)
+    cohort_threads: int = 1
 
     def check(self) -> None:
         for name, value in vars(self).items():
@@ -143,6 +148,10 @@ class LayerScheduler:
         self.waiting: deque[_Ticket] = deque()
         self.cohorts: list[_Cohort] = []
         self.steps = 0
+        self._pool = None
+        if self.limits.cohort_threads > 1:  # the threads are the parallelism: each runs torch on one thread
+            torch.set_num_threads(1)  # process-wide, as torch's setting is
+            self._pool = ThreadPoolExecutor(self.limits.cohort_threads, "epee-cohort")
 
     # --- queue ---------------------------------------------------------------------------------------------
 
@@ -189,36 +198,62 @@ class LayerScheduler:
 
     # --- one step ------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> list[Finished]:
         """Run one layer for every cohort in flight, admit waiting requests as new cohorts (their embeddings and
         first layer run in this step too), and return the requests whose last row exited."""
         self.steps += 1
         finished: list[Finished] = []
-        self.cohorts = self._advance_all(self.cohorts, finished)
-        self.cohorts += self._advance_all(self._admit(finished), finished)
+        if self._pool is None:  # one thread: rows that leave at this layer make room for newcomers at once
+            self.cohorts = self._run(self._advancing(), finished)
+            self.cohorts += self._run(self._starting(), finished)
+        else:  # side by side: admission is decided from the cohorts in flight, so all pieces are known up front
+            self.cohorts = self._run(self._advancing() + self._starting(), finished)
         return finished
 
-    def _admit(self, finished: list[Finished]) -> list[_Cohort]:
-        """New cohorts at depth 0 from the requests `_admissible` lets in: one per policy and length bucket."""
+    def _advancing(self) -> list[Callable]:
+        """One piece of work per cohort in flight: its next layer."""
+        return [partial(self._isolated_layer, cohort) for cohort in self.cohorts]
+
+    def _starting(self) -> list[Callable]:
+        """One piece of work per new cohort: its embeddings and first layer."""
+        return [partial(self._start, tickets) for tickets in self._admit()]
+
+    def _run(self, work: list[Callable], finished: list[Finished]) -> list[_Cohort]:
+        """Run the pieces (on the pool when there is one; each touches only its own cohort, so the results do
+        not depend on the threads), add the requests they finished in submission order, and return the cohorts
+        that still hold rows."""
+
+        @torch.inference_mode()  # per thread
+        def piece(call: Callable) -> tuple[list[_Cohort], list[Finished]]:
+            done: list[Finished] = []
+            return call(done), done
+
+        ran = map(piece, work) if self._pool is None or len(work) < 2 else self._pool.map(piece, work)
+        cohorts: list[_Cohort] = []
+        for advanced, done in ran:
+            cohorts += [cohort for cohort in advanced if cohort.group.rows]
+            finished += done
+        return cohorts
+
+    def _admit(self) -> list[list[_Ticket]]:
+        """The requests `_admissible` lets in, taken from the queue and cut into new cohorts' tickets: one list
+        per policy and length bucket."""
         admitted = self._admissible()
         for _ in admitted:
             self.waiting.popleft()
         by_policy: dict[tuple, list[_Ticket]] = {}
         for ticket in admitted:
             by_policy.setdefault(policy_key(ticket.policy), []).append(ticket)
-        cohorts: list[_Cohort] = []
-        for tickets in by_policy.values():
-            for bucket in length_buckets([ticket.width for ticket in tickets], BUCKET_OVERHEAD_TOKENS):
-                cohorts += self._isolated(self._embed, [tickets[i] for i in sorted(bucket)], finished)
-        return cohorts
+        return [
+            [tickets[i] for i in sorted(bucket)]
+            for tickets in by_policy.values()
+            for bucket in length_buckets([ticket.width for ticket in tickets], BUCKET_OVERHEAD_TOKENS)
+        ]
 
-    def _advance_all(self, cohorts: list[_Cohort], finished: list[Finished]) -> list[_Cohort]:
-        """One layer for each cohort; the cohorts that still hold rows."""
-        advanced: list[_Cohort] = []
-        for cohort in cohorts:
-            advanced += self._isolated_layer(cohort, finished)
-        return [cohort for cohort in advanced if cohort.group.rows]
+    def _start(self, tickets: list[_Ticket], finished: list[Finished]) -> list[_Cohort]:
+        """A new cohort's embeddings and first layer."""
+        cohorts = self._isolated(self._embed, tickets, finished)
+        return [advanced for cohort in cohorts for advanced in self._isolated_layer(cohort, finished)]
 
     def _embed(self, tickets: list[_Ticket]) -> list[_Cohort]:
         """A new cohort at depth 0 from the requests' rows."""

@@ -51,6 +51,9 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
     slo.write_text("max_failure_rate: 0\n")  # the gate: no failed request at all
     output = tmp_path / "reports"
     monkeypatch.chdir(tmp_path)  # TorchServe writes logs/ and key_file.json where it is started
+    # Each text task is drawn at random; 1:1 (the default is 3:1) makes a run without notes vanishingly rare.
+    monkeypatch.setenv("EPEE_SHORT_WEIGHT", "1")
+    monkeypatch.setenv("EPEE_LONG_WEIGHT", "1")
 
     code = main(
         ["loadtest", "compare", "--model", str(model_dir), "--config", str(config), "--ts-config", str(ts_config),
@@ -61,10 +64,12 @@ def test_compare_writes_the_report_with_zero_failures_and_stops_the_server(
     report = json.loads(capsys.readouterr().out)
     assert code == 0
     epee, full, layer = (report["runs"][name] for name in ("epee", "full", "continuous-epee"))
+    kinds = {"text: ADE sentence", "text: MTSamples note"}
     for run in (epee, full, layer):
         assert run["stats"]["requests"] > 0 and run["stats"]["failures"] == 0
-        assert set(run["by_request"]) == {"text: ADE sentence", "text: MTSamples note"}
+        assert run["by_request"] and set(run["by_request"]) <= kinds
         assert run["server"]["server_requests"] >= run["stats"]["requests"]
+    assert set().union(*(run["by_request"] for run in (epee, full, layer))) == kinds
     assert full["server"]["avg_exit_layer"] == 4  # the override ran every layer of the same archive
     assert epee["server"]["avg_exit_layer"] <= 4
     assert layer["server"]["avg_exit_layer"] <= 4 and set(report["ratios_continuous"]) >= {
