@@ -301,7 +301,9 @@ class OpenLoopBench:
 
     def serve(self, contestant: Contestant, workload: Workload, profile: dict | None = None):
         if contestant.scheduler == "continuous":
-            threads = torch.get_num_threads()  # cohort threads set torch's to 1; the batch contestants keep theirs
+            threads = (
+                torch.get_num_threads()
+            )  # cohort threads set torch's to 1; the batch contestants keep theirs
             try:
                 return serve_continuously(workload, self.model, self.policy, self.limits, profile)
             finally:
