@@ -41,6 +41,7 @@ BINARY_HINT = (
     "(tritonclient: set_data_from_numpy(..., binary_data=False))"
 )
 PROBABILITY_DECIMALS = 6
+ROW_OUTPUTS = ("probabilities", "exit_layer", "entropy", "margin", "policy")  # after `label` / `labels`
 
 
 class StatusError(ValueError):
@@ -80,7 +81,7 @@ class RowOutcome:
 
 
 def output_names(multi_label: bool) -> tuple[str, ...]:
-    return ("labels" if multi_label else "label", "probabilities", "exit_layer", "entropy", "margin", "policy")
+    return ("labels" if multi_label else "label", *ROW_OUTPUTS)
 
 
 def oip_body(payload: Any) -> dict[str, Any] | None:
