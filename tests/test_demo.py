@@ -4,10 +4,12 @@ demo on a real TorchServe runs in tests/integration/test_demo.py."""
 from __future__ import annotations
 
 import json
+import shlex
 
 from helpers import DEMO_DATA
 
-from epee_core.ops.demo import DEMO_SENTENCES, DOCS_SENTENCE, render_demo
+from epee_core.cli import build_parser
+from epee_core.ops.demo import DEMO_SENTENCES, DOCS_SENTENCE, next_commands, render_demo
 
 
 def demo_result(running_in: str | None = None, warnings: tuple[str, ...] = ()) -> dict:
@@ -59,3 +61,14 @@ def test_demo_that_keeps_running_says_how_to_stop_it_after_its_table():
     assert lines[-1] == "TorchServe keeps running; stop it with `torchserve --stop` in /work/demo"
     assert lines[0].startswith("text")  # the table comes first
     assert "torchserve --stop" not in render_demo(demo_result(None))
+
+
+def test_the_next_commands_the_demo_prints_are_valid_epee_commands(tmp_path):
+    root = tmp_path
+    commands = next_commands(root, root / "models" / "ade-minilm", root / "models" / "ade-minilm.yaml")
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        assert words[0] == "epee"
+        build_parser().parse_args(words[1:])  # exits (SystemExit) on an unknown flag or command
+        assert str(tmp_path) not in command  # relative to where the demo ran
