@@ -39,9 +39,10 @@ CERTIFIED_DISAGREEMENT = 0.02  # the budget the demo certifies: at most 2 % of a
 RISK = 0.1  # ... with probability at least 0.9 over the draw of the dev rows
 
 DOCS_SENTENCE = "Rash after amoxicillin."  # the docs' own example, annotated as the corpus would
-# Sentences of the embedded dev set (never trained on) with their ADE annotation, easy to hard as the default model
-# finds them: the first ones are sure at layer 1 or 2, the later ones only deep (at layer 1 the default model
-# answers "Restless legs…" and the docs' sentence wrongly).
+# Sentences of the embedded dev set (calibration saw them, training did not) with their ADE annotation, easy to
+# hard as the default model finds them: the first ones are sure at layer 1 or 2, the later ones only deeper (at
+# layer 1 the default model answers "We report a case of myoclonus…", "Restless legs…" and the docs' sentence
+# wrongly).
 DEMO_SENTENCES = [
     ("Report of two cases.", "no_adverse_event"),
     ("Asthma is one of the most common chronic medical conditions.", "no_adverse_event"),
