@@ -16,7 +16,6 @@ from transformers import AutoTokenizer
 from epee_core.cli import build_parser, main
 from epee_core.cli.calibrate import few_rows_warning
 from epee_core.cli.serve import deploy_model
-from epee_core.ops.demo import render_demo
 
 
 @pytest.fixture(scope="module")
@@ -433,18 +432,3 @@ def test_calibrate_prints_the_few_rows_warning_on_stderr_as_one_line(monkeypatch
     assert json.loads(captured.out) == {"split": {"calibration_samples": 24}}
     assert captured.err.startswith("epee: warning: --guarantee none chose on 24 calibration rows")
     assert captured.err.count("\n") == 1
-
-
-def demo_result(running_in: str | None) -> dict:
-    row = {"text": "Severe rash after amoxicillin.", "label": "adverse_event", "probability": 0.9,
-           "exit_layer": 2, "num_layers": 6, "latency_ms": 5.0}  # fmt: skip
-    return {"rows": [row], "policy": "epee", "mean_exit_layer": 2, "num_layers": 6, "mean_latency_ms": 5.0,
-            "mean_full_latency_ms": 9.0, "agree_with_annotation": 1, "seconds": 1.0, "inference_key": "k",
-            "inference_url": "http://127.0.0.1:8080/predictions/ade-minilm", "running_in": running_in}  # fmt: skip
-
-
-def test_demo_that_keeps_running_says_how_to_stop_it_after_its_table():
-    lines = render_demo(demo_result("/work/demo")).splitlines()
-    assert lines[-1] == "TorchServe keeps running; stop it with `torchserve --stop` in /work/demo"
-    assert lines[0].startswith("text")  # the table comes first
-    assert "torchserve --stop" not in render_demo(demo_result(None))

@@ -23,7 +23,7 @@ from epee_core.serving.service import RequestError, request_payload
 
 JSON = {"body": {"content-type": "application/json"}}
 PNG_TYPE = {"body": {"content-type": "image/png"}}
-RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
+RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"}
 
 
 def image_bytes(

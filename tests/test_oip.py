@@ -32,7 +32,8 @@ TEXTS = [
 ]
 JSON = {"body": {"content-type": "application/json"}}
 NO_TYPE = {"body": {"content-type": ""}}  # what tritonclient sends: TorchServe passes the bytes on
-OUTPUTS = ["label", "probabilities", "exit_layer", "entropy", "policy"]
+OUTPUTS = ["label", "probabilities", "exit_layer", "entropy", "margin", "policy"]
+PLAIN_FIELDS = ["label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"]
 
 
 def tensor(name: str, data, shape=None, datatype: str = "BYTES") -> dict:
@@ -74,6 +75,7 @@ def check_rows(model, body: dict, texts, policy) -> None:
     assert out["label"]["datatype"] == "BYTES" and out["label"]["shape"] == [n]
     assert out["probabilities"]["datatype"] == "FP32" and out["probabilities"]["shape"] == [n, classes]
     assert out["exit_layer"]["datatype"] == "INT32" and out["entropy"]["datatype"] == "FP32"
+    assert out["margin"]["datatype"] == "FP32" and out["margin"]["shape"] == [n]
     assert out["policy"]["data"] == [policy.name] * n
     probabilities = np.array(out["probabilities"]["data"]).reshape(n, classes)
     for row, text in enumerate(texts):
@@ -81,6 +83,8 @@ def check_rows(model, body: dict, texts, policy) -> None:
         assert out["label"]["data"][row] == alone["label"]
         assert out["exit_layer"]["data"][row] == alone["exit_layer"]
         assert probabilities[row] == pytest.approx(alone["probs"], abs=1e-5)
+        top, second = sorted(alone["probs"], reverse=True)[:2]
+        assert out["margin"]["data"][row] == pytest.approx(top - second, abs=1e-5)
 
 
 # --- answers ---------------------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ def test_rows_of_several_requests_and_a_plain_one_share_one_engine_call(svc, mod
     check_rows(model, first.body, TEXTS[:3], svc.config.policy)
     check_rows(model, third.body, TEXTS[3:], svc.config.policy)
     assert plain.body["label"] == engine(model, TEXTS[3], svc.config.policy)["label"]
-    assert set(plain.body) == {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
+    assert set(plain.body) == set(PLAIN_FIELDS)
     assert first.exit_layers == outputs(first.body)["exit_layer"]["data"]
     assert first.exit_layer == max(first.exit_layers) and first.row_exit_layers == first.exit_layers
 
@@ -116,7 +120,7 @@ def test_the_plain_answer_is_unchanged(svc, model):
     """The plain path: the same JSON body, field by field and in order, as the engine gives for one text."""
     answer = svc.answer([{"body": {"text": TEXTS[0]}}], [JSON])[0]
     alone = engine(model, TEXTS[0], svc.config.policy)
-    assert list(answer.body) == ["label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"]
+    assert list(answer.body) == PLAIN_FIELDS
     assert answer.body["probabilities"] == {
         label: round(p, 6) for label, p in zip(model.spec.labels, alone["probs"])
     }

@@ -15,7 +15,7 @@ from epee_core.engine.policies import (
     make_policy,
     policy_step,
 )
-from epee_core.engine.signals import divergence, normalised_entropy
+from epee_core.engine.signals import divergence, margin, normalised_entropy
 
 
 def replay(policy, layer_probs: list[list[list[float]]], labels=None, multi_label=False):
@@ -43,6 +43,13 @@ def test_normalised_entropy_is_one_for_uniform_and_zero_for_certain():
 def test_multilabel_entropy_is_mean_binary_entropy_over_log2():
     probs = torch.tensor([[0.5, 1.0]])  # one label at 1 bit, one certain → mean 0.5
     assert normalised_entropy(probs, multi_label=True).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_margin_is_top1_minus_top2_and_the_least_certain_labels_for_multi_label():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    assert margin(probs, multi_label=False).tolist() == pytest.approx([0.2, 0.85], abs=1e-6)
+    # labels at 0.9 (|2p − 1| = 0.8), 0.4 (0.2) and 0.01 (0.98): the answer is as close to flipping as label 2
+    assert margin(torch.tensor([[0.9, 0.4, 0.01]]), multi_label=True).item() == pytest.approx(0.2, abs=1e-6)
 
 
 def test_fpabee_jsd_matches_worked_number():

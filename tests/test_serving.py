@@ -20,7 +20,7 @@ TEXTS = [
 ]
 JSON = {"body": {"content-type": "application/json"}}
 PLAIN = {"body": {"content-type": "text/plain"}}
-RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
+RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +189,8 @@ def test_batch_answers_match_the_engine_per_request_and_keep_order(models):
         assert answer.body["label"] == model.spec.labels[int(alone.probs[0].argmax())]
         assert answer.body["num_layers"] == 4 and answer.body["policy"] == "epee"
         assert sum(answer.body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        top, second = sorted(answer.body["probabilities"].values(), reverse=True)[:2]
+        assert answer.body["margin"] == pytest.approx(top - second, abs=1e-5)
 
 
 def test_bad_rows_get_their_own_error_and_batch_mates_are_answered(models):
@@ -222,6 +224,8 @@ def test_multi_label_answers_carry_a_label_list(tokenizer):
     assert set(answer.body["labels"]) == {
         label for label, p in answer.body["probabilities"].items() if p >= 0.5
     }
+    least_certain = min(abs(2 * p - 1) for p in answer.body["probabilities"].values())
+    assert answer.body["margin"] == pytest.approx(least_certain, abs=1e-5)
 
 
 def test_service_refuses_a_config_for_another_task(models):

@@ -51,6 +51,17 @@ def confidence(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
     return torch.maximum(probs, 1 - probs).amin(-1) if multi_label else probs.amax(-1)
 
 
+def margin(probs: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """top-1 − top-2 probability per row (1 with a single class); multi-label: the least certain label's
+    |2p − 1|, its own top-1 − top-2 between "on" and "off"."""
+    if multi_label:
+        return (2 * probs - 1).abs().amin(-1)
+    if probs.shape[-1] < 2:
+        return probs[..., 0]
+    top = probs.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
 def divergence(p: torch.Tensor, q: torch.Tensor, similarity: str, multi_label: bool) -> torch.Tensor:
     """D(p, q) per row: KL(p‖q), KL(q‖p) or Jensen–Shannon (natural log); multi-label: mean over labels."""
     p, q = _as_distributions(p, multi_label), _as_distributions(q, multi_label)
@@ -106,11 +117,7 @@ def gate_features(
     probabilities [B, C], the stable counter [B] (`stable_count`, already updated for this layer) and the row
     lengths in tokens [B]."""
     probs = probs.float()
-    if multi_label:
-        margin = (2 * probs - 1).abs().amin(-1)
-    else:
-        top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-        margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else top[:, 0]
+    top_margin = margin(probs, multi_label)
     top_confidence = confidence(probs, multi_label)
     entropy = normalised_entropy(probs, multi_label)
     depth = torch.full_like(top_confidence, layer / num_layers)
@@ -120,5 +127,5 @@ def gate_features(
         jsd = torch.zeros_like(top_confidence)
     stable_fraction = stable.to(top_confidence.dtype) / num_layers
     length_feature = torch.log1p(length.to(top_confidence.dtype)) / _LENGTH_SCALE
-    features = (top_confidence, margin, entropy, depth, stable_fraction, jsd, length_feature)
+    features = (top_confidence, top_margin, entropy, depth, stable_fraction, jsd, length_feature)
     return torch.stack(features, dim=-1)

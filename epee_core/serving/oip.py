@@ -12,7 +12,7 @@ input; the service then checks each row as it checks a plain request, and a bad 
 
 The answer holds one output per field of the plain answer, n rows each: `label` BYTES [n] (multi-label:
 `labels` BYTES [n], each a JSON list of label names), `probabilities` FP32 [n, C] (columns in the model's
-label order, row-major), `exit_layer` INT32 [n], `entropy` FP32 [n], `policy` BYTES [n].
+label order, row-major), `exit_layer` INT32 [n], `entropy` FP32 [n], `margin` FP32 [n], `policy` BYTES [n].
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ BINARY_HINT = (
     "(tritonclient: set_data_from_numpy(..., binary_data=False))"
 )
 PROBABILITY_DECIMALS = 6
+ROW_OUTPUTS = ("probabilities", "exit_layer", "entropy", "margin", "policy")  # after `label` / `labels`
 
 
 class StatusError(ValueError):
@@ -75,11 +76,12 @@ class RowOutcome:
     probs: Sequence[float]
     exit_layer: int
     entropy: float
+    margin: float
     policy: str
 
 
 def output_names(multi_label: bool) -> tuple[str, ...]:
-    return ("labels" if multi_label else "label", "probabilities", "exit_layer", "entropy", "policy")
+    return ("labels" if multi_label else "label", *ROW_OUTPUTS)
 
 
 def oip_body(payload: Any) -> dict[str, Any] | None:
@@ -251,6 +253,7 @@ def encode_response(
         _tensor("probabilities", "FP32", [n, classes], probabilities),
         _tensor("exit_layer", "INT32", [n], [row.exit_layer for row in rows]),
         _tensor("entropy", "FP32", [n], [round(row.entropy, PROBABILITY_DECIMALS) for row in rows]),
+        _tensor("margin", "FP32", [n], [round(row.margin, PROBABILITY_DECIMALS) for row in rows]),
         _tensor("policy", "BYTES", [n], [row.policy for row in rows]),
     ]
     outputs = {tensor["name"]: tensor for tensor in tensors}

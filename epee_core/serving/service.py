@@ -29,6 +29,7 @@ from ..engine.inputs import Example, InputError, encode_texts, model_text
 from ..engine.model import EarlyExitModel
 from ..engine.policies import Policy, PolicyError, require_gate
 from ..engine.runner import run_bucketed
+from ..engine.signals import margin
 from ..engine.spec import ConfigError
 from . import oip
 from .config import ServeConfig
@@ -397,8 +398,17 @@ class EarlyExitService:
         """A whole batch through the life cycle: one Answer per request, in order."""
         return self.postprocess(self.inference(self.preprocess(rows, headers, request_ids)))
 
+    def margins(self, rows: list[Prediction]) -> list[float]:
+        """Each row's probability margin at its exit (`signals.margin`: top-1 − top-2, multi-label the least
+        certain label's |2p − 1|): how far the answer was from flipping when it left."""
+        probs = torch.tensor([row.probs for row in rows], dtype=torch.float32)
+        return margin(probs, self.spec.multi_label).tolist()
+
     def encode_oip(self, request: oip.OipRequest, rows: list[Prediction]) -> Answer:
-        outcomes = [oip.RowOutcome(row.probs, row.exit_layer, row.entropy, row.policy.name) for row in rows]
+        outcomes = [
+            oip.RowOutcome(row.probs, row.exit_layer, row.entropy, row_margin, row.policy.name)
+            for row, row_margin in zip(rows, self.margins(rows))
+        ]
         body = oip.encode_response(request, outcomes, self.spec.labels, self.spec.multi_label,
                                    self.model_name, self.model_version)  # fmt: skip
         layers = [row.exit_layer for row in rows]
@@ -416,6 +426,7 @@ class EarlyExitService:
             exit_layer=prediction.exit_layer,
             num_layers=self.spec.num_layers,
             entropy=round(prediction.entropy, PROBABILITY_DECIMALS),
+            margin=round(self.margins([prediction])[0], PROBABILITY_DECIMALS),
             policy=prediction.policy.name,
         )
         return Answer(200, body, prediction.exit_layer, prediction.policy.name)

@@ -31,7 +31,7 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 pytestmark = pytest.mark.integration
 
 MODEL = "oip-text"
-OUTPUTS = ("label", "probabilities", "exit_layer", "entropy", "policy")
+OUTPUTS = ("label", "probabilities", "exit_layer", "entropy", "margin", "policy")
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_plain_predictions_on_the_same_server_are_unchanged(server, expected):
                              headers=server.auth(), timeout=60)  # fmt: skip
     assert response.status_code == 200
     body = response.json()
-    assert list(body) == ["label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"]
+    assert list(body) == ["label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"]
     assert (body["label"], body["exit_layer"]) == (
         expected[SENTENCES[0]]["label"],
         expected[SENTENCES[0]]["exit_layer"],

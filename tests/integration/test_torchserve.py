@@ -36,7 +36,7 @@ from .helpers import (
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-text"
-RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
+RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"}
 MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
 
 

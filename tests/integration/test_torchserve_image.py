@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 
 MODEL = "tiny-vit"
 MAX_IMAGE_PIXELS = 64 * 64
-RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "policy"}
+RESPONSE_KEYS = {"label", "probabilities", "exit_layer", "num_layers", "entropy", "margin", "policy"}
 
 
 def random_image(seed: int) -> Image.Image:
