@@ -17,10 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import epee_core  # its names load on first use: the server listens before torch is imported
 from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse, to_http_parameters
+
+import epee_core  # its names load on first use: the server listens before torch is imported
 
 from . import metrics
 from .scheduler_loop import SchedulerLoop

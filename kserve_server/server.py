@@ -4,6 +4,7 @@ KServe's pieces (its REST app and endpoints, its gRPC servicer, its data plane),
 - a bind address (its REST server binds 0.0.0.0 and its gRPC server [::], hard-coded);
 - server readiness that waits for the model (KServe's `/v2/health/ready` says true with nothing loaded), and a
   model that loads *after* the server listens, so liveness answers and readiness says false until it is loaded;
+- tritonclient.http's JSON without a content type is read as JSON (`JsonWhenUntyped`);
 - a refusal keeps its own status and `{"error": ...}` body (`RequestRefused`; KServe maps InvalidInput to 400);
 - the model metadata's `parameters`: task, policy and the calibrated guarantee (KServe's response model drops
   them, so this one route is ours).
@@ -71,6 +72,23 @@ class BoundGRPCServer(GRPCServer):
         await self._server.wait_for_termination()
 
 
+class JsonWhenUntyped:
+    """ASGI middleware: an inference request with neither a content type nor binary tensors is JSON.
+
+    tritonclient.http sends JSON bodies without a content type; KServe would read such a body as binary tensors
+    and refuse it for lacking the Inference-Header-Content-Length header."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/infer"):
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"content-type" not in names and b"inference-header-content-length" not in names:
+                scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 async def refused(_, error: RequestRefused) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"error": error.reason})
 
@@ -86,6 +104,7 @@ class EarlyExitModelServer(ModelServer):
         self.register_model(model)
         model.enable_latency_logging = False  # the service logs one line per request (request_line)
         app.add_exception_handler(RequestRefused, refused)
+        app.add_middleware(JsonWhenUntyped)
         app.add_api_route("/v2/models/{model_name}", self.model_metadata, methods=["GET"])
 
     async def model_metadata(self, model_name: str) -> dict:
