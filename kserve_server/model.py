@@ -184,7 +184,8 @@ class EarlyExitKServeModel(Model):
         """Await the request's answer from the scheduler loop; a refusal raises `RequestRefused`."""
         if not isinstance(payload, InferRequest):
             raise RequestRefused(400, "send an Open Inference Protocol v2 request to /v2/models/NAME/infer")
-        request_id = payload.id or uuid.uuid4().hex
+        # the server's own id: the scheduler's key, unique even when clients reuse an `id` (which the answer keeps)
+        request_id = uuid.uuid4().hex
         request_headers = {key: value for key, value in (headers or {}).items()
                            if key.lower() not in CONSUMED_HEADERS}  # fmt: skip
         row = {"body": oip_request_body(payload)}

@@ -157,12 +157,18 @@ def test_readiness_is_false_until_the_model_is_loaded_while_liveness_answers(ser
 
 
 def test_rest_and_grpc_answers_equal_epee_evaluate_row_by_row(served, expected):
-    """The 400 demo texts in 8-row requests, half over REST and half over gRPC, all at once."""
+    """The 400 demo texts in 8-row requests, half over REST and half over gRPC, eight at a time."""
     texts = [row["text"] for row in served["rows"]]
     chunks = [texts[start : start + ROWS_PER_REQUEST] for start in range(0, len(texts), ROWS_PER_REQUEST)]
     protocols = ["rest" if number % 2 == 0 else "grpc" for number in range(len(chunks))]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda job: infer(served, *job), zip(protocols, chunks)))
+        # every client reuses one request id: the answers still reach their own requests, and keep the id
+        results = list(
+            pool.map(lambda job: infer(served, *job, request_id="same-id"), zip(protocols, chunks))
+        )
+    for protocol, result in zip(protocols, results):
+        response = result.get_response()
+        assert (response["id"] if protocol == "rest" else response.id) == "same-id"
     answers = [row for result in results for row in rows_of(result)]
     assert len(answers) == len(texts)
     assert [answer["label"] for answer in answers] == expected["evaluate_labels"]
