@@ -202,7 +202,10 @@ def test_images_become_pngs_of_the_same_pixels(tmp_path):
 
 @pytest.mark.parametrize(
     ("payload", "inputs"),
-    [({"text": "Rash."}, ("text",)), ({"text": "A with B.", "head": "A", "tail": "B"}, ("text", "head", "tail"))],
+    [
+        ({"text": "Rash."}, ("text",)),
+        ({"text": "A with B.", "head": "A", "tail": "B"}, ("text", "head", "tail")),
+    ],
 )
 def test_a_payload_for_kserve_is_the_oip_request_the_service_reads_back(payload, inputs):
     from epee_core.serving.oip import decode_request
