@@ -105,9 +105,9 @@ def main_cli() -> None:
     results = {"torchserve": torchserve_run(args), "kserve": kserve_run(args)}
     (args.reports / "platforms.json").write_text(json.dumps(results, indent=2))
     keys = sorted({key for stats in results.values() for key in stats})
-    print("\n" + f"{'':28}" + "".join(f"{name:>14}" for name in results))
+    print("\n" + f"{'':16}" + "".join(f"{name:>12}" for name in results))
     for key in keys:
-        print(f"{key:28}" + "".join(f"{str(stats.get(key)):>14}" for stats in results.values()))
+        print(f"{key:16}" + "".join(f"{stats.get(key, float('nan')):>12.1f}" for stats in results.values()))
 
 
 if __name__ == "__main__":
