@@ -1,4 +1,5 @@
-"""EPEE Serve under a clinical day of load: Locust users that POST real clinical payloads to a local TorchServe.
+"""EPEE Serve under a clinical day of load: Locust users that POST real clinical payloads to a local TorchServe, or
+to a local `epee serve` (KServe) with --platform kserve.
 
 Run (headless, bounded: peak users `-u`, total duration `-t`; it stops by itself):
     locust -f load_tests/locustfile.py --headless -H http://127.0.0.1:8080 -u 8 -t 3m \\
@@ -12,6 +13,8 @@ Users (weights: --text-weight / --relation-weight / --image-weight, or EPEE_*_WE
 - ImageUser: PneumoniaMNIST X-rays as PNG to --image-model (off unless an image model is named).
 Several replicas: --target-hosts URL,URL (EPEE_TARGET_HOSTS) spreads the users over them, each user keeping one
 host for its life (round robin, offset by the worker's index under --processes); -H stays the default host.
+Platforms (--platform, EPEE_PLATFORM): torchserve POSTs the plain body to /predictions/MODEL; kserve POSTs the same
+payload as an Open Inference Protocol v2 request to /v2/models/MODEL/infer (payloads.oip_request).
 Only http://127.0.0.1 is ever targeted: any other host is refused before a single request is sent.
 """
 
@@ -26,10 +29,11 @@ import sys
 from urllib.parse import urlparse
 
 from locust import HttpUser, LoadTestShape, events, task
-from payloads import data_file, png_payloads, relation_payloads, text_payloads
+from payloads import data_file, oip_request, png_payloads, relation_payloads, text_payloads
 from shape import check_bounds, phase_at, users_at
 
 ALLOWED_HOST = "127.0.0.1"
+PLATFORMS = ("torchserve", "kserve")
 DEFAULT_DURATION_SECONDS = 120
 POLICY_HEADER = "X-EPEE-Policy"
 PAYLOADS: dict[str, list] = {}  # filled once at start-up from the data files
@@ -62,6 +66,7 @@ def add_arguments(parser) -> None:
     option("--wait-max", "EPEE_WAIT_MAX", 1.5, "think time between a user's requests: maximum s", float)
     option("--policy-override", "EPEE_POLICY_OVERRIDE", "", f"send {POLICY_HEADER}: NAME on every request")
     option("--key-file", "EPEE_KEY_FILE", "key_file.json", "TorchServe's key_file.json (inference key)")
+    option("--platform", "EPEE_PLATFORM", "torchserve", f"server kind: {' or '.join(PLATFORMS)}")
     option(
         "--target-hosts", "EPEE_TARGET_HOSTS", "", "replicas to spread users over: URL,URL (127.0.0.1 only)"
     )
@@ -99,6 +104,8 @@ def configure(environment, **_kwargs) -> None:
     for host in targets:
         check_host(host)
     TARGETS[:] = targets
+    if options.platform not in PLATFORMS:
+        refuse(f"--platform {options.platform!r}: expected {' or '.join(PLATFORMS)}")
     try:
         check_bounds(options.num_users or 1, options.run_time or DEFAULT_DURATION_SECONDS)
     except ValueError as error:
@@ -137,8 +144,8 @@ def configure(environment, **_kwargs) -> None:
 
 
 class EpeeUser(HttpUser):
-    """POSTs to /predictions/MODEL and fails any answer that is not a DESIGN §6 prediction; MODEL is the
-    `model_option` command-line option of the user class."""
+    """POSTs to MODEL (/predictions/MODEL, or /v2/models/MODEL/infer on KServe) and fails any answer that is
+    not a prediction; MODEL is the `model_option` command-line option of the user class."""
 
     abstract = True
     model_option = ""
@@ -154,28 +161,43 @@ class EpeeUser(HttpUser):
         options = self.environment.parsed_options
         return random.uniform(options.wait_min, options.wait_max)
 
-    def predict(self, name: str, **request) -> None:
-        model = getattr(self.environment.parsed_options, self.model_option)
-        override = self.environment.parsed_options.policy_override
-        headers = {**AUTH, **request.pop("headers", {})}
-        if override:
-            headers[POLICY_HEADER] = override
-        with self.client.post(
-            f"/predictions/{model}", name=name, headers=headers, catch_response=True, **request
-        ) as response:
+    def predict(self, name: str, payload: dict | bytes) -> None:
+        """POST one payload (a JSON body, or PNG bytes) in the platform's form and check the answer."""
+        options = self.environment.parsed_options
+        model, override = getattr(options, self.model_option), options.policy_override
+        headers = dict(AUTH)
+        if options.platform == "kserve":
+            url, request = f"/v2/models/{model}/infer", {"json": oip_request(payload, override)}
+        else:
+            url = f"/predictions/{model}"
+            if isinstance(payload, bytes):
+                request, headers["Content-Type"] = {"data": payload}, "image/png"
+            else:
+                request = {"json": payload}
+            if override:
+                headers[POLICY_HEADER] = override
+        with self.client.post(url, name=name, headers=headers, catch_response=True, **request) as response:
             if response.status_code != 200:
                 detail = response.text[:200] if response.text else repr(response.error)
                 response.failure(f"HTTP {response.status_code}: {detail}")
                 return
             try:
-                body = response.json()
+                answer = answer_fields(response.json())
             except ValueError:
                 response.failure(f"not JSON: {response.text[:200]}")
                 return
-            if not isinstance(body, dict) or "exit_layer" not in body:
+            if "exit_layer" not in answer:
                 response.failure(f"not a prediction: {response.text[:200]}")
-            elif override and body.get("policy") != override:
-                response.failure(f"asked for policy {override}, answered by {body.get('policy')}")
+            elif override and answer.get("policy") != override:
+                response.failure(f"asked for policy {override}, answered by {answer.get('policy')}")
+
+
+def answer_fields(body) -> dict:
+    """The fields of a plain answer (DESIGN §6), or of a one-row OIP answer (each output's first element)."""
+    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
+        return {output.get("name"): (output.get("data") or [None])[0] for output in body["outputs"]
+                if isinstance(output, dict)}  # fmt: skip
+    return body if isinstance(body, dict) else {}
 
 
 class ClinicalTextUser(EpeeUser):
@@ -186,11 +208,11 @@ class ClinicalTextUser(EpeeUser):
 
     @task
     def short_sentence(self) -> None:
-        self.predict("text: ADE sentence", json=random.choice(PAYLOADS["short"]))
+        self.predict("text: ADE sentence", random.choice(PAYLOADS["short"]))
 
     @task
     def long_note(self) -> None:
-        self.predict("text: MTSamples note", json=random.choice(PAYLOADS["long"]))
+        self.predict("text: MTSamples note", random.choice(PAYLOADS["long"]))
 
 
 class RelationUser(EpeeUser):
@@ -201,7 +223,7 @@ class RelationUser(EpeeUser):
 
     @task
     def drug_pair(self) -> None:
-        self.predict("relation: DDI pair", json=random.choice(PAYLOADS["relation"]))
+        self.predict("relation: DDI pair", random.choice(PAYLOADS["relation"]))
 
 
 class ImageUser(EpeeUser):
@@ -212,11 +234,7 @@ class ImageUser(EpeeUser):
 
     @task
     def chest_xray(self) -> None:
-        self.predict(
-            "image: PneumoniaMNIST PNG",
-            data=random.choice(PAYLOADS["image"]),
-            headers={"Content-Type": "image/png"},
-        )
+        self.predict("image: PneumoniaMNIST PNG", random.choice(PAYLOADS["image"]))
 
 
 class ClinicalDayShape(LoadTestShape):

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 DATA_FILES = {
     "short": "ade/dev.jsonl",
@@ -71,3 +73,18 @@ def png_payloads(path: str | Path, limit: int = 200) -> list[bytes]:
         Image.fromarray(image.astype("uint8")).save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     return encoded
+
+
+def oip_request(payload: dict | bytes, policy: str = "") -> dict[str, Any]:
+    """The Open Inference Protocol v2 body of one plain payload (for `epee serve`, KServe): one BYTES row per
+    field (`text`, `head`, `tail`), or the PNG base64-encoded as `image`; a policy override as a parameter."""
+    fields = {"image": base64.b64encode(payload).decode()} if isinstance(payload, bytes) else payload
+    body: dict[str, Any] = {
+        "inputs": [
+            {"name": name, "datatype": "BYTES", "shape": [1], "data": [value]}
+            for name, value in fields.items()
+        ]
+    }
+    if policy:
+        body["parameters"] = {"policy": policy}
+    return body

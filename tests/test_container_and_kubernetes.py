@@ -177,7 +177,7 @@ def test_the_kustomize_copies_of_the_config_are_docker_config_properties():
 
 
 def test_the_kustomizations_are_the_expected_ones():
-    assert KUSTOMIZATIONS == ["base", "kserve", "overlays/cpu", "overlays/gpu"]
+    assert KUSTOMIZATIONS == ["base", "kserve", "kserve-modelserver", "overlays/cpu", "overlays/gpu"]
 
 
 @needs_kubectl
@@ -287,7 +287,9 @@ def test_the_documented_manifests_in_docs_kubernetes_md_pass_kubernetes_validate
 # --- what the rendered manifests must contain ---------------------------------------------------------------------
 
 
-def assert_secure(pod_spec: dict, name: str) -> None:
+def assert_secure(pod_spec: dict, name: str, writable: tuple[str, ...] | None = None) -> None:
+    """Non-root, no privilege escalation, a read-only root; `writable` (default: where TorchServe writes) are
+    size-limited emptyDirs."""
     assert pod_spec["securityContext"]["runAsNonRoot"] is True
     assert pod_spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert pod_spec["automountServiceAccountToken"] is False
@@ -300,8 +302,12 @@ def assert_secure(pod_spec: dict, name: str) -> None:
     volumes = {volume["name"]: volume for volume in pod_spec["volumes"]}
     mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in server["volumeMounts"]}
     # a read-only root needs writable emptyDirs where TorchServe writes (LOG_LOCATION and /tmp)
-    env = dockerfile_env((DOCKER / "Dockerfile").read_text(encoding="utf-8"))
-    for path in ("/tmp", env["LOG_LOCATION"]):
+    if writable is None:
+        writable = (
+            "/tmp",
+            dockerfile_env((DOCKER / "Dockerfile").read_text(encoding="utf-8"))["LOG_LOCATION"],
+        )
+    for path in writable:
         assert "emptyDir" in mounts[path], path
         assert "sizeLimit" in mounts[path]["emptyDir"], path
 
@@ -408,6 +414,58 @@ def test_the_kserve_predictor_has_the_same_probes_ports_and_security_as_the_depl
     predictor = one(documents(render("kserve")), "InferenceService")["spec"]["predictor"]
     assert_secure(predictor, "kserve-container")
     assert_probes_and_ports_match_the_config(predictor, "kserve-container", read_properties(DOCKER_CONFIG))
+
+
+@needs_kubectl
+def test_the_epee_serve_predictor_runs_epee_serve_probes_oip_health_and_keeps_the_conventions(tmp_path):
+    docs = documents(render("kserve-modelserver"))
+    isvc = one(docs, "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    predictor = isvc["spec"]["predictor"]
+    for key, kind in KSERVE_COMPONENT_FIELDS.items():
+        assert isinstance(predictor[key], kind), key
+    # the HPA KServe creates: the same bounds and target as kubernetes/base/hpa.yaml
+    base_hpa = one(
+        documents((KUBE / "base" / "hpa.yaml").read_text(encoding="utf-8")), "HorizontalPodAutoscaler"
+    )
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (base_hpa["spec"]["minReplicas"],
+                                                                    base_hpa["spec"]["maxReplicas"])  # fmt: skip
+    (metric,) = base_hpa["spec"]["metrics"]
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("cpu", metric["resource"]["target"]
+                                                                    ["averageUtilization"])  # fmt: skip
+    server = container(predictor, "kserve-container")
+    command = server["command"] + server["args"]
+    assert command[:4] == ["python", "-m", "epee_core.cli", "serve"]
+    options = dict(zip(command[4::2], command[5::2]))
+    assert options["--model"].startswith("/mnt/models/") and options["--config"].startswith("/mnt/models/")
+    assert any(env["name"] == "STORAGE_URI" for env in server["env"])
+    assert all(mount["mountPath"] != "/mnt/models" for mount in server["volumeMounts"])  # KServe mounts it
+    (port,) = server["ports"]
+    assert port["containerPort"] == int(options["--http-port"]) == 8080
+    probes = {name: server[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert {probe["port"] for probe in probes.values()} == {8080}
+    assert probes["startupProbe"]["path"] == probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    sleep = server["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) + 10 <= predictor["terminationGracePeriodSeconds"]
+    assert_secure(predictor, "kserve-container", writable=("/tmp",))
+    assert "cpu" in server["resources"]["requests"]  # the HPA's utilisation needs a request
+
+    pod_labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}  # KServe labels its pods
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == pod_labels and pdb["spec"]["maxUnavailable"] == 1
+    policy = one(docs, "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == pod_labels
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and policy["spec"]["egress"] == []
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == {8080}
+
+    template = tmp_path / "predictor.yaml"
+    template.write_text(yaml.safe_dump(predictor_as_pod_template(isvc)), encoding="utf-8")
+    result = validate(template)
+    assert result.returncode == 0 and "passed for resource podtemplate/predictor" in result.stdout, (
+        result.stdout
+    )
 
 
 # --- the health check (epee_core.ops.health) -------------------------------------------------------------------

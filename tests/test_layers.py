@@ -17,9 +17,12 @@ LAYERS = ("engine", "serving", "data", "evaluation", "training", "calibration", 
 FORBIDDEN = (
     "handlers",
     "ts",
+    "kserve",
     "locust",
     "load_tests",
-)  # TorchServe loads our handlers; Locust runs on its own
+)  # TorchServe loads our handlers; Locust runs on its own; KServe only through the platform package
+# The platform packages (thin layers over epee_core's public API) and the one module that may import each.
+PLATFORMS = {"handlers": None, "kserve_server": "epee_core.cli.modelserver"}  # TorchServe imports handlers
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -141,8 +144,14 @@ def test_engine_modules_import_each_other_without_cycles(graph):
     assert cycles(graph, "epee_core.engine") == []
 
 
-def test_handlers_use_only_the_public_api():
-    for path in sorted((ROOT / "handlers").glob("*.py")):
+def test_only_the_serve_command_imports_the_kserve_platform(graph):
+    importers = sorted(module for module, targets in graph.items() if "kserve_server" in targets)
+    assert importers == [PLATFORMS["kserve_server"]]
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORMS))
+def test_platform_packages_use_only_the_public_api(platform):
+    for path in sorted((ROOT / platform).glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

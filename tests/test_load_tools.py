@@ -200,6 +200,28 @@ def test_images_become_pngs_of_the_same_pixels(tmp_path):
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded[1]))), images[1])
 
 
+@pytest.mark.parametrize(
+    ("payload", "inputs"),
+    [
+        ({"text": "Rash."}, ("text",)),
+        ({"text": "A with B.", "head": "A", "tail": "B"}, ("text", "head", "tail")),
+    ],
+)
+def test_a_payload_for_kserve_is_the_oip_request_the_service_reads_back(payload, inputs):
+    from epee_core.serving.oip import decode_request
+
+    decoded = decode_request(payloads.oip_request(payload, "full"), inputs, multi_label=False)
+    assert decoded.rows == [payload] and decoded.override == {"policy": "full"}
+
+
+def test_a_png_for_kserve_is_one_base64_image_row():
+    import base64
+
+    body = payloads.oip_request(b"\x89PNG...")
+    assert body == {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                "data": [base64.b64encode(b"\x89PNG...").decode()]}]}  # fmt: skip
+
+
 def test_a_missing_data_file_names_the_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match="set --data-dir"):
         payloads.data_file(tmp_path, "long")

@@ -16,6 +16,7 @@ from .data import add_data
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
+from .modelserver import add_serve
 from .report import add_report
 from .serve import add_demo, add_deploy, add_package
 from .train import add_train
@@ -28,6 +29,7 @@ COMMANDS = [
     add_package,
     add_deploy,
     add_demo,
+    add_serve,
     add_bench,
     add_loadtest,
     add_report,

@@ -1,4 +1,5 @@
-"""`epee loadtest`: Locust runs, comparisons and soaks against a TorchServe on this machine."""
+"""`epee loadtest`: Locust runs, comparisons and soaks against a TorchServe (or, `run --platform kserve`, an
+`epee serve`) on this machine."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ def add_loadtest(commands) -> None:
     run.add_argument("--image-model", default="", help="model for the image users (PneumoniaMNIST PNG)")
     run.add_argument("--policy-override", default="", help="send X-EPEE-Policy: NAME with every request")
     run.add_argument("--key-file", default="key_file.json", help="TorchServe's key_file.json (inference key)")
+    run.add_argument(
+        "--platform",
+        choices=("torchserve", "kserve"),
+        default="torchserve",
+        help="torchserve: POST /predictions/MODEL (default); kserve: Open Inference Protocol requests to "
+        "/v2/models/MODEL/infer on `epee serve`",
+    )
     run.add_argument("--name", default="run", help="file prefix of the Locust CSV/HTML (default run)")
     load_options(run)
     compare = action(
@@ -156,6 +164,7 @@ def loadtest_run(args, slo: str | None) -> dict:
         inference_key=read_key_file(key_file).get("inference") if key_file.is_file() else None,
         data_dir=args.data_dir,
         locustfile=Path(args.locustfile),
+        platform=args.platform,
     )
     return run_slo_check(run, slo)
 

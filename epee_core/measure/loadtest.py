@@ -106,6 +106,7 @@ class LoadRun:
     processes: int = 0  # > 0: Locust's --processes, a master and this many workers
     hosts: list[str] = field(default_factory=list)  # replicas to spread users over (default: `host` alone)
     master_port: int | None = None  # the master's port on 127.0.0.1 (default: a free one)
+    platform: str = "torchserve"  # or "kserve": OIP v2 requests to `epee serve` (load_tests/locustfile.py)
 
     @property
     def log_file(self) -> Path:
@@ -130,6 +131,7 @@ class LoadRun:
             "--html", str(self.html_file),
             "--only-summary",
             f"--policy-override={self.policy_override}",
+            f"--platform={self.platform}",
             *([f"--data-dir={self.data_dir}"] if self.data_dir else []),
             *([f"--target-hosts={','.join(self.hosts)}"] if self.hosts else []),
             *self.distribution_args(),
@@ -238,6 +240,7 @@ def run_slo_check(run: LoadRun, slo_path: str | Path | None) -> dict:
         "processes": run.processes,
         "models": run.models,
         "policy_override": run.policy_override or None,
+        "platform": run.platform,
         "peak_users": run.peak_users,
         "duration_seconds": run.duration,
         **stats_result(run.prefix, slo_path),

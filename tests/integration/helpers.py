@@ -36,6 +36,24 @@ SENTENCES = [
     "The patient recovered.",
 ]
 
+# Hostile Open Inference Protocol bodies, kind → (raw body, expected status, fragment of the error); sent with
+# `requests` next to tritonclient traffic (test_oip.py on TorchServe, test_kserve.py on `epee serve`)
+HOSTILE = {
+    "wrong shape": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a b", "c"]}]}',
+                    400, "shape [3] holds 3 elements, data has 2"),
+    "wrong datatype": (b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.5]}]}',
+                       400, "datatype must be BYTES"),
+    "missing input": (b'{"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["Rash."]}]}',
+                      400, "unknown input 'txt'"),
+    "lone surrogate in a row": (
+        b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["Rash.", "\\ud800 x"]}]}',
+        400, "row 1: 'text' is not valid Unicode"),
+    "n = 0": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]}', 400, "no rows"),
+    "not JSON": (b'{"inputs": [', 400, "not valid JSON"),
+    "too many rows": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [65], "data": ['
+                      + b",".join([b'"Rash."'] * 65) + b"]}]}", 413, "the limit is 64"),
+}  # fmt: skip
+
 
 def write_model_yaml(path: Path, batch_size: int, max_batch_delay: int, **epee) -> Path:
     """A model YAML as `epee package --config` takes it: TorchServe keys + the `epee:` section."""

@@ -18,6 +18,7 @@ from epee_core.ops.management import ManagementClient
 from epee_core.ops.torchserve import TorchServe
 
 from .helpers import (
+    HOSTILE,
     SENTENCES,
     derive_config,
     engine_answers,
@@ -127,24 +128,6 @@ def test_without_named_outputs_tritonclient_still_gets_json(server, expected):
     finally:
         client.close()
     check_result(result, SENTENCES[:3], expected)
-
-
-# kind → (raw body, expected status, fragment of the error); sent with `requests` next to tritonclient traffic
-HOSTILE = {
-    "wrong shape": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a b", "c"]}]}',
-                    400, "shape [3] holds 3 elements, data has 2"),
-    "wrong datatype": (b'{"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.5]}]}',
-                       400, "datatype must be BYTES"),
-    "missing input": (b'{"inputs": [{"name": "txt", "datatype": "BYTES", "shape": [1], "data": ["Rash."]}]}',
-                      400, "unknown input 'txt'"),
-    "lone surrogate in a row": (
-        b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["Rash.", "\\ud800 x"]}]}',
-        400, "row 1: 'text' is not valid Unicode"),
-    "n = 0": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [0], "data": []}]}', 400, "no rows"),
-    "not JSON": (b'{"inputs": [', 400, "not valid JSON"),
-    "too many rows": (b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [65], "data": ['
-                      + b",".join([b'"Rash."'] * 65) + b"]}]}", 413, "the limit is 64"),
-}  # fmt: skip
 
 
 def test_hostile_bodies_in_concurrent_batches_get_their_own_4xx_and_good_ones_their_200(server, expected):
