@@ -16,6 +16,7 @@ from .data import add_data
 from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
+from .recertify import add_recertify
 from .report import add_report
 from .serve import add_demo, add_deploy, add_package
 from .train import add_train
@@ -33,6 +34,7 @@ COMMANDS = [
     add_report,
     add_data,
     add_audit,
+    add_recertify,
 ]
 
 

@@ -1,7 +1,7 @@
 """The shadow audit of a serving worker (docs/monitoring.md, "In the worker").
 
-A seeded share `audit_fraction` of the rows served with the configured (certified) policy also runs to full
-depth. Each audited row feeds the `DisagreementMonitor` one label-free bit: does the served answer differ from full
+A seeded share `audit_fraction` of the rows served with the configured (certified) policy, or after an alarm
+with the fallback, also runs to full depth. Each audited row feeds the `DisagreementMonitor` one label-free bit: does the served answer differ from full
 depth's? When the monitor alarms, the service serves full depth from then on (`EarlyExitService.default_policy`).
 
 The audit runs every exit of the row alone (`forward_all_exits`), so an audit record holds what calibration
@@ -92,8 +92,9 @@ class Auditor:
         return self.monitor.alarmed
 
     def choose(self) -> bool:
-        """Whether the next served row is audited (False once the monitor has alarmed: nothing left to test)."""
-        return not self.alarmed and self._rng.random() < self.fraction
+        """Whether the next served row is audited. After an alarm rows are still audited: the monitor has
+        nothing left to test, but their records are what `epee recertify` certifies the next setting on."""
+        return self._rng.random() < self.fraction
 
     def offer(self, jobs: list[AuditJob]) -> None:
         """Audit `jobs`: now (`tail`), or queued for the background thread."""
@@ -147,10 +148,10 @@ class Auditor:
             "logits": logits.tolist(),
         }
         with self._lock:
-            was_alarmed = self.monitor.alarmed
-            self.monitor.update(record["disagree"])
-            if self.monitor.alarmed and not was_alarmed:
-                self._log_alarm()
+            if not self.monitor.alarmed:  # once raised, the alarm stays: the test is over
+                self.monitor.update(record["disagree"])
+                if self.monitor.alarmed:
+                    self._log_alarm()
         if self.records is not None:
             self._append(record)
         return record

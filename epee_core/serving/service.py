@@ -287,16 +287,17 @@ class EarlyExitService:
 
     def observe(self, served: Sequence[Served]) -> None:
         """After serving: every row of the configured policy feeds the drift detector, and a seeded share of them
-        goes to the audit. Rows of another policy (a request's override, the fallback) are not what the
-        certificate covers and are left out."""
+        goes to the audit (after an alarm: of the fallback's rows, whose records `epee recertify` reads). Rows a
+        request's override chose are not what the certificate covers and are left out."""
         if self.auditor is None and self.drift is None:
             return
-        configured, jobs = policy_key(self.config.policy), []
+        configured = policy_key(self.config.policy)
+        audited, jobs = {configured, policy_key(self.default_policy)}, []
         for outcome in served:
-            if policy_key(outcome.request.policy) != configured:
+            if policy_key(outcome.request.policy) not in audited:
                 continue
             for number, (model_input, row) in enumerate(zip(outcome.request.model_inputs, outcome.rows)):
-                if self.drift is not None and not self.alarmed:
+                if self.drift is not None and policy_key(row.policy) == configured:
                     self.drift.update(row.exit_layer)
                 if self.auditor is not None and self.auditor.choose():
                     probs = torch.tensor(row.probs)
