@@ -181,3 +181,14 @@ def test_exit_counts_feed_a_drift_detector_on_served_rows(model):
 def test_exit_counts_must_match_the_models_layers(model):
     with pytest.raises(ConfigError, match="'guarantee.exit_counts' has 2 layers"):
         service(model, guarantee={**GUARANTEE, "exit_counts": [1, 2]})
+
+
+def test_a_failing_audit_never_fails_an_answer(model, monkeypatch):
+    svc = service(model, audit_fraction=1.0, **DISAGREEING)
+
+    def broken(_jobs):
+        raise RuntimeError("audit down")
+
+    monkeypatch.setattr(svc.auditor, "offer", broken)
+    answers = serve(svc, TEXTS[:8])
+    assert [answer.status for answer in answers] == [200] * 8 and not svc.alarmed

@@ -19,6 +19,7 @@ fails that whole request (its answer names the row), never a batch-mate.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ TEXT_FIELDS = ("text", "epee")
 RELATION_FIELDS = ("text", "head", "tail", "epee")
 RELATION_INPUTS = ("text", "head", "tail")
 PROBABILITY_DECIMALS = 6
+
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(oip.StatusError):
@@ -291,6 +295,12 @@ class EarlyExitService:
         request's override chose are not what the certificate covers and are left out."""
         if self.auditor is None and self.drift is None:
             return
+        try:
+            self._observe(served)
+        except Exception as error:  # monitoring never fails an answer
+            logger.error("epee: monitoring skipped a batch (%s)", type(error).__name__)
+
+    def _observe(self, served: Sequence[Served]) -> None:
         configured = policy_key(self.config.policy)
         audited, jobs = {configured, policy_key(self.default_policy)}, []
         for outcome in served:
