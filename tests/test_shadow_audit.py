@@ -6,6 +6,7 @@ audits the same way."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from helpers import DEMO_DATA, build_tiny_model
@@ -192,3 +193,38 @@ def test_a_failing_audit_never_fails_an_answer(model, monkeypatch):
     monkeypatch.setattr(svc.auditor, "offer", broken)
     answers = serve(svc, TEXTS[:8])
     assert [answer.status for answer in answers] == [200] * 8 and not svc.alarmed
+
+
+class RecordedMetrics:
+    """The part of TorchServe's metrics cache the handler calls, recording (name, value) pairs."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float]] = []
+
+    def add_counter(self, name, value, dimensions=None):
+        self.calls.append((name, value))
+
+    def add_metric(self, name, value, unit, dimensions=None, metric_type=None):
+        self.calls.append((name, value))
+
+
+def test_the_handler_reports_the_alarm_in_metrics_and_model_describe(model, tmp_path):
+    handlers = pytest.importorskip("handlers.text_handler")
+    model.save_pretrained(tmp_path / "model")
+    section = {"task": "text-classification", "audit_fraction": 1.0, "audit_mode": "tail", **DISAGREEING}
+    counts = {"exit_counts": [5] * model.num_layers}
+    section["guarantee"] = {**GUARANTEE, **counts}
+    context = SimpleNamespace(model_name="tiny", manifest={}, model_yaml_config={"epee": section},
+                              system_properties={"model_dir": str(tmp_path)}, metrics=RecordedMetrics())  # fmt: skip
+    handler = handlers.TextHandler()
+    handler.initialize(context)
+    assert json.loads(handler.describe_handle())["fallback"] is False
+    handler.record_metrics(serve(handler.service, TEXTS))
+    described = json.loads(handler.describe_handle())
+    assert described["fallback"] is True and described["audit"]["alarm_at"] >= 1
+    assert described["guarantee"]["epsilon"] == GUARANTEE["epsilon"]
+    recorded = dict(context.metrics.calls)
+    assert recorded["EpeeFallback"] == 1 and recorded["EpeeAuditWealth"] >= 20
+    assert "EpeeExitDrift" in recorded
+    audited = sum(value for name, value in context.metrics.calls if name == "EpeeAuditedRows")
+    assert audited == handler.service.auditor.monitor.audited
