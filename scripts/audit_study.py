@@ -15,6 +15,13 @@ each dev row's disagreement with full depth and exit layer, then
   rows at 2, 3 and 5 times the monitored rate; served rows to alarm (median, p90) at q = 2 %;
 - audit cost: q × L extra layers per served row against the policy's average exit layer.
 `--fixture` writes the per-row disagreement and exit layer (no text) for tests/test_monitor.py.
+
+    python scripts/audit_study.py torchserve --model DIR --config YAML --stream STREAM.jsonl --switch N [--audit 0.2]
+
+`torchserve`: the rehearsal on a real TorchServe: the model packaged with the YAML plus `audit_fraction`, the
+stream's rows sent 8 at a time (the first N in-distribution, the rest drifted); after each burst the script reads
+`EpeeFallback` from the metrics endpoint and prints the request count at which the fallback showed, the
+X-EPEE-Guarantee header and the exit layers of the next answers.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ ALPHA = 0.05
 
 
 def latency(args) -> None:
+    """Contestants take turns on every request (the same text, in the same order), so load noise from the rest of
+    the machine falls on all of them alike."""
     torch.set_num_threads(1)
     texts = [json.loads(line)["text"] for line in Path(args.data).read_text().splitlines()[: args.requests]]
     base = ServeConfig.load(args.config)
@@ -57,23 +66,28 @@ def latency(args) -> None:
         for mode in ("tail", "background")
     ]
     print(f"{len(texts)} batch-1 requests, {model.num_layers} layers, policy {base.policy.describe()}")
-    print(f"{'audit':<22}{'gap ms':>7}{'p50 ms':>9}{'p95 ms':>9}{'audited':>9}")
+    print(f"{'audit':<22}{'gap ms':>7}{'p50 ms':>9}{'p95 ms':>9}{'mean ms':>9}{'audited':>9}")
     for gap in (0.0, 0.02):
+        services = {}
         for name, fraction, mode in contestants:
-            config = ServeConfig(**{**vars(base), "audit_fraction": fraction, "audit_mode": mode})
-            service = TextService(model, config)
-            service.answer([{"body": {"text": texts[0]}}], [JSON])  # warm-up
-            times = []
-            for text in texts:
+            services[name] = TextService(model, ServeConfig(**{**vars(base), "audit_fraction": fraction,
+                                                              "audit_mode": mode}))  # fmt: skip
+            services[name].answer([{"body": {"text": texts[0]}}], [JSON])  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in services}
+        for text in texts:
+            for name, service in services.items():
                 started = time.perf_counter()
                 service.answer([{"body": {"text": text}}], [JSON])
-                times.append((time.perf_counter() - started) * 1000)
+                times[name].append((time.perf_counter() - started) * 1000)
                 time.sleep(gap)
+        for name, service in services.items():
+            audited = 0
             if service.auditor is not None:
                 service.auditor.wait()
-            audited = service.auditor.monitor.audited if service.auditor else 0
-            p95 = float(np.percentile(times, 95))
-            print(f"{name:<22}{gap * 1000:>7.0f}{statistics.median(times):>9.2f}{p95:>9.2f}{audited:>9}")
+                audited = service.auditor.monitor.audited
+            row = times[name]
+            print(f"{name:<22}{gap * 1000:>7.0f}{statistics.median(row):>9.2f}{np.percentile(row, 95):>9.2f}"
+                  f"{statistics.mean(row):>9.2f}{audited:>9}")  # fmt: skip
 
 
 def disagreement_rows(config: ServeConfig, cache: LogitCache) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +152,52 @@ def streams(args) -> None:
           f"{exit_layer.mean():.3f} layers on average (full depth {num_layers}): +{FRACTION * num_layers / exit_layer.mean():.1%}")  # fmt: skip
 
 
+def torchserve(args) -> None:
+    import tempfile
+
+    import requests
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from integration.helpers import package, post_all, read_metrics, running_torchserve
+
+    from epee_core.ops.management import ManagementClient
+
+    texts = [json.loads(line)["text"] for line in Path(args.stream).read_text().splitlines()]
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        config = yaml.safe_load(Path(args.config).read_text())
+        config["epee"].update(
+            audit_fraction=args.audit, audit_records=str(work / "audit.jsonl"), num_threads=1
+        )
+        (work / "serve.yaml").write_text(yaml.safe_dump(config))
+        package(Path(args.model), work / "serve.yaml", "ade", work / "store")
+        with running_torchserve(work, work / "store") as server:
+            ManagementClient(server.management_url, server.keys["management"], timeout=300).register(
+                "ade.mar"
+            )
+            url, seen = f"{server.inference_url}/predictions/ade", None
+            for start in range(0, len(texts), 8):
+                responses = post_all(url, [{"json": {"text": t[:5000]}, "headers": server.auth()}
+                                           for t in texts[start : start + 8]])  # fmt: skip
+                fallback = sum(read_metrics(server.metrics_url, "EpeeFallback", "ade").values())
+                if fallback and seen is None:
+                    seen = start + 8
+                    header = responses[-1].headers.get("X-EPEE-Guarantee")
+                    print(f"fallback metric 1 after {seen} requests (drift from request {args.switch + 1})")
+                    after = post_all(
+                        url, [{"json": {"text": t[:5000]}, "headers": server.auth()} for t in texts[:8]]
+                    )
+                    print(f"header: {after[0].headers.get('X-EPEE-Guarantee')}; before: {header}")
+                    print(f"exit layers after: {sorted({r.json()['exit_layer'] for r in after})}")
+                    break
+            records = (work / "audit.jsonl").read_text().splitlines()
+            print(f"sent {start + 8} requests; {len(records)} audit records; fallback seen: {seen}")
+            described = requests.get(f"{server.management_url}/models/ade", params={"customized": "true"},
+                                     headers=server.auth("management"), timeout=60).json()[0]  # fmt: skip
+            print("describe:", json.dumps(described.get("customizedMetadata"))[:600])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,8 +215,14 @@ def main() -> None:
     study.add_argument("--runs", type=int, default=200)
     study.add_argument("--seed", type=int, default=0)
     study.add_argument("--fixture")
+    served = commands.add_parser("torchserve")
+    served.add_argument("--model", required=True)
+    served.add_argument("--config", required=True)
+    served.add_argument("--stream", required=True)
+    served.add_argument("--switch", type=int, required=True)
+    served.add_argument("--audit", type=float, default=0.2)
     args = parser.parse_args()
-    latency(args) if args.command == "latency" else streams(args)
+    {"latency": latency, "streams": streams, "torchserve": torchserve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ import pytest
 import requests
 from helpers import DEMO_DATA, build_tiny_model
 
-from .helpers import package_model, post_all, running_torchserve, wait_for_metric
+from epee_core.cli import main
+from epee_core.ops.management import ManagementClient
+
+from .helpers import post_all, running_torchserve, wait_for_metric, write_model_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -25,18 +28,22 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer):
-    work = tmp_path_factory.mktemp("audit")
-    _, _, store = package_model(work, build_tiny_model(tokenizer), "model", "audited.yaml", MODEL,
-                                batch_size=4, max_batch_delay=20, task="text-classification", policy="static",
-                                layer=1, audit_fraction=1.0, audit_records=str(work / "audit.jsonl"),
-                                num_threads=1, guarantee=GUARANTEE)  # fmt: skip
+@pytest.fixture(scope="module", params=["batch", "continuous"])
+def setup(request, tmp_path_factory, tokenizer):
+    """The tiny model packaged with an audit, for TorchServe's dynamic batching and for its continuous batching
+    (the layer-level scheduler)."""
+    work = tmp_path_factory.mktemp(f"audit-{request.param}")
+    build_tiny_model(tokenizer).save_pretrained(work / "model")
+    config = write_model_yaml(work / "audited.yaml", batch_size=4, max_batch_delay=20, task="text-classification",
+                              policy="static", layer=1, audit_fraction=1.0, audit_records=str(work / "audit.jsonl"),
+                              num_threads=1, guarantee=GUARANTEE)  # fmt: skip
+    store = work / "model_store"
+    assert main(["package", "--model", str(work / "model"), "--config", str(config), "--name", MODEL,
+                 "--export-path", str(store), "--scheduler", request.param]) == 0  # fmt: skip
     with running_torchserve(work, store) as server:
-        response = requests.post(f"{server.management_url}/models", headers=server.auth("management"),
-                                 params={"url": f"{MODEL}.mar", "initial_workers": 1, "synchronous": "true",
-                                         "batch_size": 4, "max_batch_delay": 20}, timeout=120)  # fmt: skip
-        assert response.status_code == 200, response.text
+        ManagementClient(server.management_url, server.keys["management"], timeout=120).register(
+            f"{MODEL}.mar", name=MODEL
+        )
         yield {"server": server, "work": work}
 
 
