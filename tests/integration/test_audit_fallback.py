@@ -15,7 +15,7 @@ from helpers import DEMO_DATA, build_tiny_model
 from epee_core.cli import main
 from epee_core.ops.management import ManagementClient
 
-from .helpers import post_all, running_torchserve, wait_for_metric, write_model_yaml
+from .helpers import post_all, read_metrics, running_torchserve, wait_for_metric, write_model_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def setup(request, tmp_path_factory, tokenizer):
         ManagementClient(server.management_url, server.keys["management"], timeout=120).register(
             f"{MODEL}.mar", name=MODEL
         )
-        yield {"server": server, "work": work}
+        yield {"server": server, "work": work, "scheduler": request.param}
 
 
 def predict(server, texts: list[str]) -> list[requests.Response]:
@@ -60,9 +60,17 @@ def describe(server) -> dict:
     return json.loads(metadata) if isinstance(metadata, str) else metadata
 
 
+def fallback_shown(setup) -> bool:
+    """The worker's fallback flag: from model describe under dynamic batching; from the metric under continuous
+    batching (a describe call there leaves TorchServe 0.12's frontend hanging the next predictions)."""
+    if setup["scheduler"] == "batch":
+        return describe(setup["server"])["fallback"]
+    return sum(read_metrics(setup["server"].metrics_url, "EpeeFallback", MODEL).values()) == 1
+
+
 def test_a_disagreeing_burst_alarms_and_the_worker_falls_back_to_full_depth(setup):
     server = setup["server"]
-    assert describe(server)["fallback"] is False
+    assert not fallback_shown(setup)
     first = predict(server, TEXTS[:8])
     assert {response.json()["exit_layer"] for response in first} == {1}
     assert "fallback" not in first[0].headers["X-EPEE-Guarantee"]
@@ -70,23 +78,25 @@ def test_a_disagreeing_burst_alarms_and_the_worker_falls_back_to_full_depth(setu
     for start in range(8, len(TEXTS), 8):  # audits run after the answers: the alarm shows a batch later
         burst = predict(server, TEXTS[start : start + 8])
         assert all(response.status_code == 200 for response in burst)
-        if describe(server)["fallback"]:
+        time.sleep(0.5)  # the frontend ingests the worker's metrics from its log a moment later
+        if fallback_shown(setup):
             alarmed = True
             break
-        time.sleep(0.2)
     assert alarmed, "48 rows at layer 1 against a certified rate of 0.01 should alarm"
     after = predict(server, TEXTS[:8])
     assert {response.json()["exit_layer"] for response in after} == {NUM_LAYERS}
     assert {response.json()["policy"] for response in after} == {"full"}
     header = after[0].headers["X-EPEE-Guarantee"]
     assert "; fallback=full; alarm_at=" in header
-    state = describe(server)
-    assert state["audit"]["alarm_at"] == int(header.rsplit("alarm_at=", 1)[1])
-    assert state["audit"]["wealth"] >= 1 / state["audit"]["alpha"]
     fallback = wait_for_metric(server.metrics_url, "EpeeFallback", MODEL, 1)
     assert sum(fallback.values()) == 1
-    audited = wait_for_metric(server.metrics_url, "EpeeAuditedRows", MODEL, state["audit"]["audited"])
+    audited = wait_for_metric(server.metrics_url, "EpeeAuditedRows", MODEL, 8)
     assert audited[(("Disagree", "true"), ("Level", "Model"))] >= 1
+    if setup["scheduler"] == "batch":
+        state = describe(server)
+        assert state["fallback"] is True and state["policy"] == "full"
+        assert state["audit"]["alarm_at"] == int(header.rsplit("alarm_at=", 1)[1])
+        assert state["audit"]["wealth"] >= 1 / state["audit"]["alpha"]
 
 
 def test_the_alarm_is_logged_once_without_request_content(setup):
