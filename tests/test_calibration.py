@@ -736,7 +736,8 @@ def test_handler_sends_the_guarantee_on_every_answer():
     answers = [Answer(200, {"label": "a"}), Answer(400, {"error": "bad"})]
     for section, expected in (({"guarantee": GUARANTEE}, True), ({}, False)):
         handler.context = Context()
-        handler.service = SimpleNamespace(config=ServeConfig.from_section(section))
+        config = ServeConfig.from_section(section)  # the service's header: the config's until an alarm
+        handler.service = SimpleNamespace(config=config, guarantee_header=config.guarantee_header)
         handler.respond(answers, "batch")
         sent = [handler.context.headers[index].get(GUARANTEE_HEADER) for index in range(2)]
         assert sent == [ServeConfig.from_section(section).guarantee_header] * 2
