@@ -11,6 +11,7 @@ batch inside TorchServe. Subclasses pick the service.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 import epee_core
@@ -41,6 +43,10 @@ LAYERS_RUN_METRIC = "EpeeLayersRun"
 LAYERS_SAVED_METRIC = "EpeeLayersSaved"
 ISOLATED_METRIC = "EpeeIsolatedFailures"
 BATCH_METRIC = "EpeeBatches"
+AUDITED_METRIC = "EpeeAuditedRows"  # audited rows so far, by whether they disagreed with full depth
+WEALTH_METRIC = "EpeeAuditWealth"  # the monitor's wealth: the alarm is at 1/alpha
+FALLBACK_METRIC = "EpeeFallback"  # 1 once the alarm switched the worker to full depth
+DRIFT_METRIC = "EpeeExitDrift"  # the exit-layer drift detector: a warning at its threshold, never a fallback
 BATCH_SIZE_HEADER = "X-EPEE-Batch-Size"
 BATCH_ID_HEADER = "X-EPEE-Batch-Id"
 GUARANTEE_HEADER = "X-EPEE-Guarantee"  # what `epee calibrate` certified for the configured policy
@@ -100,11 +106,23 @@ class EarlyExitHandler(BaseHandler):
         if config.log_inputs:
             logger.warning("epee: %s has log_inputs on: request bodies go to the logs (never with PHI)",
                            context.model_name)  # fmt: skip
+        if config.audit_fraction:
+            logger.info("epee: shadow audit of %g of the rows (%s), alarm at level %g against disagreement "
+                        "rate %g", config.audit_fraction, config.audit_mode, config.audit_alpha,
+                        config.monitored_rate)  # fmt: skip
+        self.audited_reported = (0, 0)  # audited rows and disagreements already counted in the metric
+
+    def describe_handle(self) -> str:
+        """Model describe (`GET /models/NAME?customized=true`): the policy served, the guarantee, and the audit
+        and drift state, as JSON (TorchServe shows it as `customizedMetadata`)."""
+        return json.dumps(
+            {"guarantee": self.service.config.guarantee, **self.service.monitoring()}, default=str
+        )
 
     def handle(self, data: list, context) -> list[dict]:
         """base_handler's `handle`, with a last line of defence: TorchServe answers a batch whose handler raised
         with 503 for every request and logs a traceback that may quote input, so nothing is allowed out."""
-        if self.batcher is not None:
+        if self.batcher is not None and not self._is_describe():
             return self.handle_step(data)
         try:
             return super().handle(data, context)
@@ -163,7 +181,7 @@ class EarlyExitHandler(BaseHandler):
         Per request the criterion answers False (continue), True (the last chunk of a stream) or None (a whole
         response: no stream header at all)."""
         context, body = self.context, []
-        guarantee = self.service.config.guarantee_header
+        guarantee = self.service.guarantee_header
         stop: list[bool | None] = []
         done = []
         for index, request_id in enumerate(request_ids):
@@ -218,7 +236,7 @@ class EarlyExitHandler(BaseHandler):
         """Status, content type, batch headers and the calibrated guarantee per request; a 500 names its request
         id."""
         batch_size = str(len(answers))
-        guarantee = self.service.config.guarantee_header
+        guarantee = self.service.guarantee_header
         for index, answer in enumerate(answers):
             self.context.set_response_content_type(index, "application/json")
             self.context.set_response_header(index, BATCH_SIZE_HEADER, batch_size)
@@ -275,3 +293,28 @@ class EarlyExitHandler(BaseHandler):
             metrics.add_counter(
                 BATCH_METRIC, 1, dimensions=[*base, Dimension("BatchSize", str(len(answers)))]
             )
+        self.record_monitoring(base)
+
+    def record_monitoring(self, base: list) -> None:
+        """The audit monitor and the drift detector as they stand after this call's rows: the audited rows
+        since the last call (by disagreement), the wealth, the fallback flag and the drift detector. Audits
+        that run in the background show at the next call."""
+        metrics, service = self.context.metrics, self.service
+        if service.auditor is not None:
+            state = service.auditor.state()
+            counted, disagreed = self.audited_reported
+            new_disagreements = state["disagreements"] - disagreed
+            for disagree, count in (("true", new_disagreements),
+                                    ("false", state["audited"] - counted - new_disagreements)):  # fmt: skip
+                if count:
+                    metrics.add_counter(
+                        AUDITED_METRIC, count, dimensions=[*base, Dimension("Disagree", disagree)]
+                    )
+            self.audited_reported = (state["audited"], state["disagreements"])
+            metrics.add_metric(WEALTH_METRIC, state["wealth"], "count", dimensions=list(base),
+                               metric_type=MetricTypes.GAUGE)  # fmt: skip
+            metrics.add_metric(FALLBACK_METRIC, int(service.alarmed), "count", dimensions=list(base),
+                               metric_type=MetricTypes.GAUGE)  # fmt: skip
+        if service.drift is not None:
+            metrics.add_metric(DRIFT_METRIC, service.drift.detector, "count", dimensions=list(base),
+                               metric_type=MetricTypes.GAUGE)  # fmt: skip

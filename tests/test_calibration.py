@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, LABELS, build_tiny_model, tiny_spec
+from helpers import DEMO_DATA, LABELS, NUM_LAYERS, build_tiny_model, tiny_spec
 
 from epee_core.calibration import (
     CalibrationJob,
@@ -535,7 +535,10 @@ def test_certified_choice_on_a_cache_large_enough():
     exit_layer = replay_policy(result.chosen.policy, cache.logits, False).exit_layer
     assert exit_layer.tolist() == [1] * 1000 + [3] * 1000
     guarantee = result.guarantee
-    assert set(guarantee) == GUARANTEE_KEYS | {"consistency_bound"} and guarantee["kind"] == "accuracy"
+    assert set(guarantee) == GUARANTEE_KEYS | {"consistency_bound", "exit_counts"}
+    assert guarantee["kind"] == "accuracy"
+    # the drift detector's reference: how every dev row exited under the chosen setting
+    assert guarantee["exit_counts"] == [1000, 0, 1000] + [0] * (cache.num_layers - 3)
     assert (guarantee["epsilon"], guarantee["delta"], guarantee["n"]) == (0.01, 0.1, 1200)
     # the chosen setting agrees with full depth on every test row: Clopper-Pearson gives 1 - 0.1^(1/1200)
     assert guarantee["consistency_bound"] == pytest.approx(1 - 0.1 ** (1 / 1200), abs=2e-6)
@@ -600,8 +603,11 @@ def test_cli_calibrate_certifies_by_default_and_the_yaml_carries_the_guarantee(
 ):
     output = tmp_path / "serve.yaml"
     report = calibrate_cli(capsys, model_dir, dev_file, output, "--cache", str(tmp_path / "c.st"))
-    assert set(report["guarantee"]) == GUARANTEE_KEYS
+    assert set(report["guarantee"]) == GUARANTEE_KEYS | {"exit_counts"}
     assert report["guarantee"]["kind"] == "accuracy" and report["guarantee"]["delta"] == 0.1
+    assert report["guarantee"]["exit_counts"] == [0] * (NUM_LAYERS - 1) + [
+        NUM_DEV
+    ]  # full depth served: every row at the last
     assert report["split"]["held_back_fraction"] == 0.6 and report["guarantee"]["n"] == round(0.6 * NUM_DEV)
     # 14 test rows cannot certify a drop of 0.01: full depth, and why
     assert report["chosen"]["policy"] == "full" and not report["certificate"]["certified"]
@@ -730,7 +736,8 @@ def test_handler_sends_the_guarantee_on_every_answer():
     answers = [Answer(200, {"label": "a"}), Answer(400, {"error": "bad"})]
     for section, expected in (({"guarantee": GUARANTEE}, True), ({}, False)):
         handler.context = Context()
-        handler.service = SimpleNamespace(config=ServeConfig.from_section(section))
+        config = ServeConfig.from_section(section)  # the service's header: the config's until an alarm
+        handler.service = SimpleNamespace(config=config, guarantee_header=config.guarantee_header)
         handler.respond(answers, "batch")
         sent = [handler.context.headers[index].get(GUARANTEE_HEADER) for index in range(2)]
         assert sent == [ServeConfig.from_section(section).guarantee_header] * 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,32 @@ def test_the_drift_ratio_for_a_row_is_fixed_before_the_row():
         branch = copy.deepcopy(detector)
         branch.update(layer)
         assert branch.detector == pytest.approx((detector.detector + 1) * announced)
+
+
+# --- streams resampled from a real exit cache ----------------------------------------------------------------------
+
+REAL_CACHE = Path(__file__).parent / "fixtures" / "monitor" / "ade_minilm_dev.json"
+
+
+def resampled_false_alarms(make_monitor, rows: int = ROWS, seed: int = 0) -> int:
+    """Alarms over `STREAMS` streams of audited rows drawn with replacement from the real cache's per-row
+    disagreements: in-distribution traffic for the policy certified on that cache."""
+    cache = json.loads(REAL_CACHE.read_text())
+    disagree = np.array(cache["disagree"], dtype=bool)
+    rng = np.random.default_rng(seed)
+    alarms = 0
+    for _ in range(STREAMS):
+        monitor = make_monitor(cache["epsilon"])
+        for value in rng.choice(disagree, rows):
+            if monitor.update(bool(value)):
+                alarms += 1
+                break
+    return alarms
+
+
+def test_resampled_real_streams_alarm_in_at_most_alpha_of_them():
+    assert resampled_false_alarms(lambda epsilon: DisagreementMonitor(epsilon, ALPHA)) <= MOST_FALSE_ALARMS
+
+
+def test_on_resampled_real_streams_a_look_ahead_bet_fails_the_false_alarm_check():
+    assert resampled_false_alarms(lambda epsilon: LookAheadMonitor(epsilon, ALPHA)) > MOST_FALSE_ALARMS

@@ -47,13 +47,17 @@ class ServingOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
 
 
+def policy_entries(policy: Policy) -> dict[str, Any]:
+    """A policy's parameters as `epee:` section keys (`min_layer: 1`, the default, left out)."""
+    return {key: value for key, value in policy.params.items() if key != "min_layer" or value != 1}
+
+
 def model_yaml(
     spec: ModelSpec, policy: Policy, serving: ServingOptions, guarantee: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """A complete model YAML for `epee package --config`, checked as `epee package` checks it; a certified
     `guarantee` (kind, epsilon, delta, bound, n, method) goes into the `epee:` section for the handler to send."""
-    section: dict[str, Any] = {"task": spec.task, "policy": policy.name}
-    section.update({key: value for key, value in policy.params.items() if key != "min_layer" or value != 1})
+    section: dict[str, Any] = {"task": spec.task, "policy": policy.name, **policy_entries(policy)}
     if spec.task in TEXT_TASKS:
         section["max_length"] = spec.max_length
     section["allow_request_override"] = True

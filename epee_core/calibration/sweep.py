@@ -321,6 +321,9 @@ def choose_certified(
         guarantee["bound"] = min(rounded, options.max_accuracy_drop)
     else:
         chosen, guarantee["bound"] = full, 0.0
+    # how the dev rows exited under the chosen setting: the drift detector's reference in the worker
+    exits = np.asarray(chosen.rows.exit_layer, dtype=np.int64) - 1
+    guarantee["exit_counts"] = np.bincount(exits, minlength=spec.num_layers).tolist()
     certificate = {
         "certified": certified,
         "reason": selection.reason,

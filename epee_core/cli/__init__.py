@@ -17,6 +17,7 @@ from .evaluate import add_bench, add_evaluate
 from .gate import add_train_gate
 from .loadtest import add_loadtest
 from .modelserver import add_serve
+from .recertify import add_recertify
 from .report import add_report
 from .serve import add_demo, add_deploy, add_package
 from .train import add_train
@@ -35,6 +36,7 @@ COMMANDS = [
     add_report,
     add_data,
     add_audit,
+    add_recertify,
 ]
 
 

@@ -44,11 +44,11 @@ def add_audit(commands) -> None:
 
 def certified_rate(guarantee: dict[str, Any] | None, config_path: str) -> tuple[float, str]:
     """The disagreement rate H0 allows and where it comes from (see the command's description)."""
+    from ..serving.config import monitored_rate
+
     if guarantee is None:
         raise CommandError(f"{config_path}: no 'guarantee' in the 'epee:' section; pass --epsilon")
-    if guarantee.get("kind", "accuracy") == "accuracy" and "consistency_bound" in guarantee:
-        return float(guarantee["consistency_bound"]), "guarantee.consistency_bound"
-    return float(guarantee["epsilon"]), "guarantee.epsilon"
+    return monitored_rate(guarantee)
 
 
 def read_stream(path: str, service) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
 from ..engine.quantize import SCHEMES as QUANTIZE_SCHEMES
 from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
+from .audit import AUDIT_MODES
 from .scheduler import SchedulerLimits
 
 SERVE_KEYS = {
@@ -36,6 +37,11 @@ SERVE_KEYS = {
     "max_step_tokens": int,
     "max_cohorts": int,
     "cohort_threads": int,
+    "audit_fraction": (int, float),
+    "audit_alpha": float,
+    "audit_seed": int,
+    "audit_mode": str,
+    "audit_records": str,
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -130,9 +136,10 @@ def _number(value: Any, key: str, source: str, low: float, high: float) -> float
 def check_guarantee(value: Any, source: str) -> dict[str, Any]:
     """The `guarantee:` mapping: `epsilon` (the budget), `delta` (the risk), `bound` (the upper confidence bound,
     at most `epsilon`), `n` (test rows), `method`, and optionally `kind` (accuracy or consistency) and
-    `consistency_bound` (an accuracy certificate's bound on disagreement with full depth, docs/monitoring.md)."""
+    `consistency_bound` (an accuracy certificate's bound on disagreement with full depth, docs/monitoring.md) and
+    `exit_counts` (how many dev rows exited at each layer: the drift detector's reference)."""
     check_type(value, "guarantee", dict, source)
-    allowed = (*GUARANTEE_KEYS, "kind", "consistency_bound")
+    allowed = (*GUARANTEE_KEYS, "kind", "consistency_bound", "exit_counts")
     unknown = sorted(set(value) - set(allowed))
     missing = [key for key in GUARANTEE_KEYS if key not in value]
     if unknown or missing:
@@ -151,11 +158,26 @@ def check_guarantee(value: Any, source: str) -> dict[str, Any]:
         )
     if "consistency_bound" in value:
         _number(value["consistency_bound"], "consistency_bound", source, 0.0, 1.0)
+    counts = value.get("exit_counts", [0, 1])
+    if not (isinstance(counts, list) and len(counts) >= 2 and sum(counts) > 0 and all(
+        isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in counts
+    )):  # fmt: skip
+        raise ConfigError(
+            f"{source}: 'guarantee.exit_counts' must list a count >= 0 per layer (not all 0), got {counts!r}"
+        )
     if check_type(value["n"], "guarantee.n", int, source) < 1:
         raise ConfigError(f"{source}: 'guarantee.n' must be a positive integer, got {value['n']!r}")
     if not check_type(value["method"], "guarantee.method", str, source).strip():
         raise ConfigError(f"{source}: 'guarantee.method' must not be empty")
     return dict(value)
+
+
+def monitored_rate(guarantee: Mapping[str, Any]) -> tuple[float, str]:
+    """The disagreement rate a production monitor tests (H0: rate <= it) and the key it comes from: a
+    consistency certificate's epsilon; an accuracy certificate's consistency_bound, else its epsilon (looser)."""
+    if guarantee.get("kind", "accuracy") == "accuracy" and "consistency_bound" in guarantee:
+        return float(guarantee["consistency_bound"]), "guarantee.consistency_bound"
+    return float(guarantee["epsilon"]), "guarantee.epsilon"
 
 
 def guarantee_header(guarantee: Mapping[str, Any]) -> str:
@@ -198,6 +220,12 @@ class ServeConfig:
     max_step_tokens: int = 16384
     max_cohorts: int = 2
     cohort_threads: int = 1
+    # the shadow audit (serving/audit.py, docs/monitoring.md): a seeded share of rows also runs to full depth
+    audit_fraction: float = 0.0  # 0: off
+    audit_alpha: float = 0.05  # the monitor's false-alarm level
+    audit_seed: int = 0
+    audit_mode: str = "background"
+    audit_records: str | None = None  # JSONL file the worker appends audited rows' exit logits to (no text)
 
     @property
     def scheduler_limits(self) -> SchedulerLimits:
@@ -205,6 +233,11 @@ class ServeConfig:
             self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens, self.max_cohorts,
             self.cohort_threads,
         )  # fmt: skip
+
+    @property
+    def monitored_rate(self) -> float | None:
+        """The disagreement rate the audit monitor tests (`monitored_rate`), None without a guarantee."""
+        return monitored_rate(self.guarantee)[0] if self.guarantee else None
 
     @property
     def guarantee_header(self) -> str | None:
@@ -243,6 +276,7 @@ class ServeConfig:
         for key in positive:
             if key in settings and settings[key] < 1:
                 raise ConfigError(f"{source}: '{key}' must be a positive integer, got {settings[key]!r}")
+        _check_audit(settings, source)
         try:
             policy = make_policy(settings.pop("policy", "epee"), params, strict=False)
             for name in SERVABLE_POLICIES:  # a request may switch to any of them: check every value now
@@ -276,6 +310,11 @@ class ServeConfig:
             self.policy.check_layers(spec.num_layers)
         except PolicyError as error:
             raise ConfigError(f"{source}: {error}") from None
+        counts = (self.guarantee or {}).get("exit_counts")
+        if counts is not None and len(counts) != spec.num_layers:
+            raise ConfigError(
+                f"{source}: 'guarantee.exit_counts' has {len(counts)} layers, {model} has {spec.num_layers}"
+            )
 
     def placement(self, gpu_id: Any, cuda_available: bool | None = None) -> tuple[torch.device, torch.dtype]:
         """Where a worker puts the model and in which dtype.
@@ -310,6 +349,28 @@ class ServeConfig:
             raise PolicyError(f"policy '{name}' needs gold labels and cannot be served")
         base = make_policy(name, self.policy_params, strict=False).params
         return make_policy(name, {**base, **override}, strict=True) if override else make_policy(name, base)
+
+
+def _check_audit(settings: dict[str, Any], source: str) -> None:
+    """ConfigError unless the audit keys are in range; an audit needs a guarantee whose rate is in (0, 1)."""
+    fraction = settings.get("audit_fraction", 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"{source}: 'audit_fraction' must be in [0, 1], got {fraction!r}")
+    if not 0.0 < settings.get("audit_alpha", 0.05) < 1.0:
+        raise ConfigError(f"{source}: 'audit_alpha' must be in (0, 1), got {settings['audit_alpha']!r}")
+    if settings.get("audit_seed", 0) < 0:
+        raise ConfigError(f"{source}: 'audit_seed' must be an integer >= 0, got {settings['audit_seed']!r}")
+    if settings.get("audit_mode", AUDIT_MODES[0]) not in AUDIT_MODES:
+        raise ConfigError(
+            f"{source}: 'audit_mode' must be one of {', '.join(AUDIT_MODES)}, got {settings['audit_mode']!r}"
+        )
+    if fraction > 0:
+        rate = ServeConfig(guarantee=settings.get("guarantee")).monitored_rate
+        if rate is None or not 0.0 < rate < 1.0:
+            raise ConfigError(
+                f"{source}: 'audit_fraction' needs a 'guarantee' whose disagreement rate (epsilon, or "
+                f"consistency_bound) is in (0, 1): the monitor tests served rows against it, got {rate!r}"
+            )
 
 
 SCHEDULERS = ("batch", "continuous")

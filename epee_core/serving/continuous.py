@@ -66,4 +66,6 @@ class ContinuousBatcher:
         if done.error is not None:
             return failure_answer(done.error)
         rows = [Prediction(row.probs, row.exit_layer, row.entropy, request.policy) for row in done.rows or []]
-        return self.service.postprocess([Served(request, rows)])[0]
+        served = Served(request, rows)
+        self.service.observe([served])
+        return self.service.postprocess([served])[0]

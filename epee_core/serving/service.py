@@ -19,6 +19,7 @@ fails that whole request (its answer names the row), never a batch-mate.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +28,14 @@ import torch
 
 from ..engine.inputs import Example, InputError, encode_texts, model_text
 from ..engine.model import EarlyExitModel
-from ..engine.policies import Policy, PolicyError, require_gate
+from ..engine.policies import Policy, PolicyError, make_policy, require_gate
 from ..engine.runner import run_bucketed
 from ..engine.signals import margin
 from ..engine.spec import ConfigError
 from . import oip
+from .audit import AuditJob, Auditor, prediction_of
 from .config import ServeConfig
+from .monitor import DisagreementMonitor, ExitDriftDetector
 from .scheduler import policy_key
 
 ARCHIVE_MODEL_DIR = "model"  # where `epee package` puts the model directory inside a .mar
@@ -41,6 +44,9 @@ TEXT_FIELDS = ("text", "epee")
 RELATION_FIELDS = ("text", "head", "tail", "epee")
 RELATION_INPUTS = ("text", "head", "tail")
 PROBABILITY_DECIMALS = 6
+
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(oip.StatusError):
@@ -60,6 +66,7 @@ class ServeRequest:
     model_inputs: list[Any]
     policy: Policy
     oip: oip.OipRequest | None = None
+    request_id: str | None = None  # the server's id (audit records name it; never the content)
 
     @property
     def model_input(self) -> Any:
@@ -240,6 +247,76 @@ class EarlyExitService:
         self.spec = model.spec
         self.model_name = model_name  # what an Open Inference Protocol answer names
         self.model_version = model_version
+        self.fallback = make_policy("full")  # served instead of `config.policy` once the audit monitor alarms
+        self.auditor = self._auditor()
+        counts = (config.guarantee or {}).get("exit_counts")
+        self.drift = ExitDriftDetector(counts) if counts else None  # a warning only: never a fallback
+
+    def _auditor(self) -> Auditor | None:
+        """The shadow audit of `audit_fraction` (None when 0): its monitor tests the guarantee's rate."""
+        config = self.config
+        if not config.audit_fraction:
+            return None
+        monitor = DisagreementMonitor(config.monitored_rate, config.audit_alpha)
+        return Auditor(self.model, monitor, config.audit_fraction, config.audit_seed, config.audit_mode,
+                       config.audit_records)  # fmt: skip
+
+    @property
+    def alarmed(self) -> bool:
+        """Whether the audit monitor has alarmed: from then on the default policy is `fallback`."""
+        return self.auditor is not None and self.auditor.alarmed
+
+    @property
+    def default_policy(self) -> Policy:
+        """The policy of a request that names none: the configured one, or full depth after an alarm."""
+        return self.fallback if self.alarmed else self.config.policy
+
+    @property
+    def guarantee_header(self) -> str | None:
+        """The `X-EPEE-Guarantee` value; after an alarm it says that full depth is served and since when
+        (`alarm_at`: the audited row that raised it)."""
+        header = self.config.guarantee_header
+        if header and self.alarmed:
+            header += f"; fallback={self.fallback.name}; alarm_at={self.auditor.monitor.alarm_at}"
+        return header
+
+    def monitoring(self) -> dict[str, Any]:
+        """The audit and drift state (model describe, metrics): what is monitored, never request content."""
+        state: dict[str, Any] = {"policy": self.default_policy.describe(), "fallback": self.alarmed}
+        if self.auditor is not None:
+            state["audit"] = self.auditor.state()
+        if self.drift is not None:
+            state["drift"] = {"detector": self.drift.detector, "warning": self.drift.warning,
+                              "rows": self.drift.rows, "first_warning_at": self.drift.first_warning_at}  # fmt: skip
+        return state
+
+    def observe(self, served: Sequence[Served]) -> None:
+        """After serving: every row of the configured policy feeds the drift detector, and a seeded share of them
+        goes to the audit (after an alarm: of the fallback's rows, whose records `epee recertify` reads). Rows a
+        request's override chose are not what the certificate covers and are left out."""
+        if self.auditor is None and self.drift is None:
+            return
+        try:
+            self._observe(served)
+        except Exception as error:  # monitoring never fails an answer
+            logger.error("epee: monitoring skipped a batch (%s)", type(error).__name__)
+
+    def _observe(self, served: Sequence[Served]) -> None:
+        configured = policy_key(self.config.policy)
+        audited, jobs = {configured, policy_key(self.default_policy)}, []
+        for outcome in served:
+            if policy_key(outcome.request.policy) not in audited:
+                continue
+            for number, (model_input, row) in enumerate(zip(outcome.request.model_inputs, outcome.rows)):
+                if self.drift is not None and policy_key(row.policy) == configured:
+                    self.drift.update(row.exit_layer)
+                if self.auditor is not None and self.auditor.choose():
+                    probs = torch.tensor(row.probs)
+                    jobs.append(AuditJob(outcome.request.request_id, number, self.encode_inputs([model_input]),
+                                         prediction_of(probs, self.spec.multi_label), row.exit_layer,
+                                         row.policy.describe()))  # fmt: skip
+        if jobs:
+            self.auditor.offer(jobs)
 
     @property
     def device(self) -> torch.device:
@@ -269,7 +346,7 @@ class EarlyExitService:
                 inputs.append(self.decode_row(fields))
             except RequestError as error:
                 raise RequestError(error.status, f"row {number}: {error.message}") from None
-        return ServeRequest(inputs, self.request_policy(request.override, headers), request)
+        return ServeRequest(inputs, self.request_policy(request.override, headers), request, request_id)
 
     def encode_inputs(self, model_inputs: list[Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -289,7 +366,7 @@ class EarlyExitService:
         if override is None and header_policy is not None:
             override = {"policy": header_policy.strip()}
         if override is None:
-            return self.config.policy
+            return self.default_policy
         if not isinstance(override, dict):
             raise RequestError(
                 400, f'\'epee\' must be a JSON object such as {{"policy": "full"}}, got {override!r}'
@@ -323,10 +400,11 @@ class EarlyExitService:
                     raise RequestError(400, oip.BINARY_HINT)
                 payload = request_payload(row, request_headers, self.config.max_body_bytes)
                 body = oip.oip_body(payload)
+                request_id = request_ids[number] if request_ids else None
                 if body is None:
                     decoded.append(self.decode(payload, request_headers))
+                    decoded[-1].request_id = request_id
                 else:
-                    request_id = request_ids[number] if request_ids else None
                     decoded.append(self.decode_oip(body, request_headers, request_id))
             except RequestError as error:
                 decoded.append(Answer(error.status, {"error": error.message}))
@@ -346,6 +424,7 @@ class EarlyExitService:
             requests = [decoded[index] for index in indices]
             for index, outcome in zip(indices, self._run_isolated(requests)):  # type: ignore[arg-type]
                 outcomes[index] = outcome
+        self.observe([outcome for outcome in outcomes if isinstance(outcome, Served)])
         return outcomes
 
     def _run_isolated(self, requests: list[ServeRequest]) -> list[Served | Answer]:
