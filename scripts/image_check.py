@@ -37,10 +37,17 @@ NON_ROOT_UID = 1000
 START_TIMEOUT = 300.0
 
 
+BUILDAH = ["buildah", "--storage-driver", STORAGE_DRIVER]
+
+
 def buildah(*args: str) -> str:
-    return subprocess.run(
-        ["buildah", "--storage-driver", STORAGE_DRIVER, *args], check=True, capture_output=True, text=True
-    ).stdout
+    return subprocess.run([*BUILDAH, *args], check=True, capture_output=True, text=True).stdout
+
+
+def run_in(container: str, volumes: list[str], command: list[str]) -> list[str]:
+    """The `buildah run` command line: `command` in `container`, chroot isolation, `volumes` bind-mounted."""
+    mounts = [arg for volume in volumes for arg in ("--volume", volume)]
+    return [*BUILDAH, "run", "--isolation", "chroot", *mounts, container, "--", *command]
 
 
 def image_config(tag: str) -> dict:
@@ -69,42 +76,45 @@ def tiny_model(work: Path) -> tuple[Path, Path, Path]:
 
 
 def server_processes(root: psutil.Process) -> list[psutil.Process]:
-    """The processes buildah started inside the container (buildah itself runs as root)."""
-    return [p for p in root.children(recursive=True) if p.name() != "buildah"]
+    """The processes of the image's command, not buildah's own (`buildah run` and its chroot helpers, named
+    "memfd:buildah-…", run as root)."""
+    return [p for p in root.children(recursive=True) if not p.name().startswith(("buildah", "memfd:buildah"))]
 
 
 @contextmanager
 def running(tag: str, volumes: list[str], command: list[str], log: Path):
     """`command` running in a fresh working container of `tag`; yields (container, buildah's process)."""
     container = buildah("from", "--pull=never", tag).strip()
-    mounts = [arg for volume in volumes for arg in ("--volume", volume)]
     with log.open("w") as output:
         process = subprocess.Popen(
-            ["buildah", "--storage-driver", STORAGE_DRIVER, "run", "--isolation", "chroot", *mounts, container,
-             "--", *command],
-            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            run_in(container, volumes, command),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield container, process
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
         buildah("rm", container)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to buildah's process group (the image's tini forwards it), then SIGKILL to whatever is left."""
+    if process.poll() is not None:
+        return
+    processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    os.killpg(process.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(processes, timeout=60)
+    for leftover in alive:
+        leftover.kill()
+    process.wait()
 
 
 def healthcheck(container: str, config: dict, volumes: list[str], port: int) -> subprocess.CompletedProcess:
     """The image's HEALTHCHECK command, run inside the running container (its REST port moved to `port`)."""
     test = [arg.replace(":8080/", f":{port}/") for arg in config["Healthcheck"]["Test"][1:]]
-    mounts = [arg for volume in volumes for arg in ("--volume", volume)]
-    return subprocess.run(
-        ["buildah", "--storage-driver", STORAGE_DRIVER, "run", "--isolation", "chroot", *mounts, container, "--",
-         *test],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return subprocess.run(run_in(container, volumes, test), capture_output=True, text=True, timeout=60)
 
 
 def wait_healthy(container: str, config: dict, volumes: list[str], port: int, process, log: Path) -> float:
@@ -187,6 +197,7 @@ def check_kserve(work: Path, model_dir: Path, config_path: Path, expected: dict)
 def main(platforms: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="epee-image-check.") as directory:
         work = Path(directory)
+        work.chmod(0o755)  # the servers run as uid 1000 and read the mounted model and config from here
         model_dir, config_path, store = tiny_model(work)
         expected = engine_answers(model_dir, config_path, [TEXT])[TEXT]
         checks = {
