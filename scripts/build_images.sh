@@ -20,6 +20,9 @@ CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
+# This machine's CA bundle, bind-mounted over the base's during the RUN steps only (not kept in the images): pip
+# then trusts what the host trusts, e.g. a TLS-inspecting proxy's CA (Debian's pip reads the system bundle).
+CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 now() { date +%s; }
@@ -54,10 +57,13 @@ EOF
 # bud_image TAG DOCKERFILE: one image, timed; the context is the repository root (.dockerignore applies).
 bud_image() {
     start=$(now)
-    buildah bud --isolation chroot --format docker --pull=never --layers=false \
+    buildah bud --isolation chroot --format docker --pull=never --layers=false $ca_volume \
         --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" -f "$ROOT/$2" -t "$1" "$ROOT"
     echo "built $1 from $2 in $(($(now) - start)) s"
 }
+
+ca_volume=
+if [ -f "$CA_BUNDLE" ]; then ca_volume="--volume $CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro"; fi
 
 if buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
     echo "base $BASE_IMAGE: in buildah's storage"
