@@ -100,15 +100,26 @@ def running(tag: str, volumes: list[str], command: list[str], log: Path):
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to buildah's process group (the image's tini forwards it), then SIGKILL to whatever is left."""
+    """SIGTERM to the image's first process (tini, which forwards it to the server's group), as `docker stop`
+    does; SIGKILL to whatever is left after 60 s, buildah's own processes last."""
     if process.poll() is not None:
         return
-    processes = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    os.killpg(process.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(processes, timeout=60)
+    everything = psutil.Process(process.pid).children(recursive=True)
+    served = server_processes(psutil.Process(process.pid))
+    pids = {p.pid for p in served}
+    for first in [p for p in served if p.ppid() not in pids]:
+        first.terminate()
+    _, alive = psutil.wait_procs(served, timeout=60)
     for leftover in alive:
         leftover.kill()
-    process.wait()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    _, alive = psutil.wait_procs(everything, timeout=10)
+    for leftover in alive:
+        leftover.kill()
 
 
 def healthcheck(container: str, config: dict, volumes: list[str], port: int) -> subprocess.CompletedProcess:
