@@ -72,6 +72,8 @@ def tiny_model(work: Path) -> tuple[Path, Path, Path]:
     config = write_model_yaml(models / "serve.yaml", 4, 5, task="text-classification", policy="epee")
     store = work / "model-store"
     package(model_dir, config, MODEL, store)
+    for path in work.rglob("*"):  # safetensors files are written 0600: the servers run as uid 1000
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return model_dir, config, store
 
 
