@@ -99,10 +99,12 @@ def test_registration_only_from_the_model_store_by_name(server, outside_archive,
 def test_every_listening_socket_is_loopback(server):
     """HTTP APIs, gRPC (7070/7071) and anything else the Java frontend or its workers listen on."""
     processes = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    # psutil 6 renamed `connections` to `net_connections`; kserve 0.21 (the `kserve` extra) pins psutil < 6
+    sockets = [getattr(process, "net_connections", None) or process.connections for process in processes]
     listening = [
         connection.laddr
-        for process in processes
-        for connection in process.net_connections(kind="inet")
+        for connections in sockets
+        for connection in connections(kind="inet")
         if connection.status == psutil.CONN_LISTEN
     ]
     ports = {address.port for address in listening}
