@@ -6,6 +6,9 @@ KServe's pieces (its REST app and endpoints, its gRPC servicer, its data plane),
   model that loads *after* the server listens, so liveness answers and readiness says false until it is loaded;
 - tritonclient.http's JSON without a content type is read as JSON (`JsonWhenUntyped`);
 - a refusal keeps its own status and `{"error": ...}` body (`RequestRefused`; KServe maps InvalidInput to 400);
+- a body KServe's request model refuses gets 422 `{"error": ...}` naming where it is wrong (`not_an_infer_request`);
+  FastAPI's own reply echoes the input and fails with a 500 when it holds NaN or Infinity, which Python's json
+  reads but JSON forbids;
 - the model metadata's `parameters`: task, policy and the calibrated guarantee (KServe's response model drops
   them, so this one route is ours).
 """
@@ -18,6 +21,7 @@ import os
 import threading
 from concurrent import futures
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc import aio
 from kserve import ModelServer
@@ -93,6 +97,12 @@ async def refused(_, error: RequestRefused) -> JSONResponse:
     return JSONResponse(status_code=error.status, content={"error": error.reason})
 
 
+async def not_an_infer_request(_, error: RequestValidationError) -> JSONResponse:
+    """422 naming each place the body is wrong, without echoing its values (they may be NaN or Infinity)."""
+    problems = [".".join(str(part) for part in problem["loc"]) + ": " + problem["msg"] for problem in error.errors()]
+    return JSONResponse(status_code=422, content={"error": "not an inference request: " + "; ".join(problems[:5])})
+
+
 class EarlyExitModelServer(ModelServer):
     """One model, loaded in the background once the server listens (see the module docstring)."""
 
@@ -104,6 +114,7 @@ class EarlyExitModelServer(ModelServer):
         self.register_model(model)
         model.enable_latency_logging = False  # the service logs one line per request (request_line)
         app.add_exception_handler(RequestRefused, refused)
+        app.add_exception_handler(RequestValidationError, not_an_infer_request)
         app.add_middleware(JsonWhenUntyped)
         app.add_api_route("/v2/models/{model_name}", self.model_metadata, methods=["GET"])
 

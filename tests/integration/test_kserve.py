@@ -39,7 +39,7 @@ ROWS_PER_REQUEST = 8
 DEMO_LABELS = {"adverse_event": "a", "no_adverse_event": "b"}  # the demo's labels as the tiny model's
 GUARANTEE = {"epsilon": 0.05, "delta": 0.1, "bound": 0.04, "n": 400, "method": "test"}
 GUARANTEE_TEXT = "accuracy-drop<=0.05; risk=0.1; bound=0.04; n=400; method=test"
-# KServe parses the body before the model sees it: a body that is not JSON gets FastAPI's 422
+# KServe's request model reads the body before the model sees it: a body that is not JSON gets a 422
 NOT_JSON_STATUS = 422
 
 
@@ -258,6 +258,7 @@ def test_hostile_bodies_get_their_own_4xx_and_good_requests_beside_them_their_an
             _, status, fragment = HOSTILE[what]
             if what == "not JSON":
                 assert outcome.status_code == NOT_JSON_STATUS, outcome.text
+                assert set(outcome.json()) == {"error"} and "not an inference request" in outcome.json()["error"]
                 continue
             assert outcome.status_code == status, (what, outcome.text)
             assert set(outcome.json()) == {"error"} and fragment in outcome.json()["error"], (
@@ -305,7 +306,7 @@ def test_any_body_gets_one_answer_a_200_or_its_own_4xx(served, body):
             "entropy",
             "policy",
         }
-    elif response.status_code != 422:  # 422: KServe's request model refused the body before the model saw it
+    else:  # 422: KServe's request model refused the body before the model saw it; others: ours
         assert set(response.json()) == {"error"}, response.text
 
 
@@ -334,3 +335,17 @@ def test_the_exit_layer_metrics_count_every_row_answered(served, expected):
     assert after["EpeeLayersSaved_total"] - before["EpeeLayersSaved_total"] == sum(
         4 - layer for layer in layers
     )
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["Infinity", "NaN", '{"inputs": -Infinity}', '{"inputs": [], "id": NaN}',
+     '{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [NaN]}]}',
+     '{"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [Infinity]}]}'],
+)  # fmt: skip
+def test_a_body_with_nan_or_infinity_is_not_json_and_gets_a_4xx(served, data):
+    """Python's json writes NaN and Infinity, which JSON forbids: the reply is a 4xx JSON error, never a 500."""
+    response = requests.post(f"{served['url']}/v2/models/{MODEL}/infer", data=data, timeout=60,
+                             headers={"Content-Type": "application/json"})  # fmt: skip
+    assert 400 <= response.status_code < 500, response.text
+    assert set(response.json()) == {"error"}, response.text
