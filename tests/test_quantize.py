@@ -12,9 +12,10 @@ import yaml
 from helpers import DEMO_DATA, build_tiny_model, random_batch, random_pixels, single_row
 
 from epee_core.cli import main
+from epee_core.engine import quantize as quantize_module
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.policies import make_policy
-from epee_core.engine.quantize import Int8Linear, quantize_model
+from epee_core.engine.quantize import Int8Linear, int8_kernel, quantize_model
 from epee_core.engine.runner import run_bucketed, run_early_exit
 from epee_core.engine.spec import ConfigError
 from epee_core.serving.config import ServeConfig
@@ -28,7 +29,14 @@ def inputs_for(model: EarlyExitModel, batch_size: int = 8) -> dict[str, torch.Te
     return random_batch(batch_size, len(model.tokenizer), max_len=30, seed=5)
 
 
-def test_int8_linear_is_close_to_the_float_product():
+@pytest.fixture(params=quantize_module.KERNELS)
+def kernel(request, monkeypatch):
+    """Each int8 kernel in turn, whatever this CPU would choose."""
+    monkeypatch.setattr(quantize_module, "int8_kernel", lambda: request.param)
+    return request.param
+
+
+def test_int8_linear_is_close_to_the_float_product(kernel):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(10, 64)
@@ -36,8 +44,45 @@ def test_int8_linear_is_close_to_the_float_product():
     assert 0 < error < 0.05 * linear(x).abs().max()  # quantized (not equal), but close
 
 
+def test_the_fbgemm_kernel_is_the_exact_7_bit_per_token_product(monkeypatch):
+    """The fence row pins fbgemm's range: its answer is exactly (x / s rounded to [-63, 63]) · W_int8ᵀ, per token."""
+    monkeypatch.setattr(quantize_module, "int8_kernel", lambda: "fbgemm")
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(96, 40)
+    module = Int8Linear.from_linear(linear)
+    x = torch.randn(17, 96) * torch.logspace(-2, 2, 17)[:, None]  # rows of very different sizes
+    scale = x.abs().amax(1, keepdim=True) / 63
+    expected = (x / scale).round().double() @ module.weight_t.double()
+    expected = (expected.float() * scale * module.weight_scale) + linear.bias
+    torch.testing.assert_close(module(x), expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module(x[3:4]), module(x)[3:4], rtol=0, atol=0)  # alone == in the batch
+
+
+def test_the_kernel_follows_the_cpu_flags_unless_forced(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = quantize_module.Path
+    monkeypatch.setattr(
+        quantize_module, "Path", lambda name: cpuinfo if name == "/proc/cpuinfo" else real_path(name)
+    )
+    monkeypatch.delenv("EPEE_INT8_KERNEL", raising=False)
+    for flags, chosen in (("fpu sse2 avx2 fma", "fbgemm"), ("fpu sse2 avx2 avx512_vnni", "int_mm"),
+                          ("fp asimd", "int_mm")):  # fmt: skip
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        int8_kernel.cache_clear()
+        assert int8_kernel() == chosen, flags
+    monkeypatch.setenv("EPEE_INT8_KERNEL", "int_mm")
+    int8_kernel.cache_clear()
+    assert int8_kernel() == "int_mm"
+    monkeypatch.setenv("EPEE_INT8_KERNEL", "vnni")
+    int8_kernel.cache_clear()
+    with pytest.raises(ValueError, match="EPEE_INT8_KERNEL='vnni'"):
+        int8_kernel()
+    monkeypatch.delenv("EPEE_INT8_KERNEL")
+    int8_kernel.cache_clear()
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_backbone_runs_in_int8_close_to_float32(tokenizer, kind):
+def test_every_backbone_runs_in_int8_close_to_float32(tokenizer, kind, kernel):
     model = build_tiny_model(tokenizer, kind=kind)
     inputs = inputs_for(model)
     reference = run_bucketed(model, inputs, make_policy("full")).probs
@@ -51,7 +96,7 @@ def test_every_backbone_runs_in_int8_close_to_float32(tokenizer, kind):
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
-def test_an_int8_row_exits_where_it_exits_alone(tokenizer, kind):
+def test_an_int8_row_exits_where_it_exits_alone(tokenizer, kind, kernel):
     """Per-token activation scales: a row's int8 arithmetic does not depend on the rest of its batch."""
     model = quantize_model(build_tiny_model(tokenizer, kind=kind), "int8")
     batch = inputs_for(model, 12)
