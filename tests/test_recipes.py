@@ -101,12 +101,13 @@ def test_train_prints_and_records_the_recipe_and_its_speed(tiny_backbone_dir, tm
     recipe_lines = [line for line in captured.err.splitlines() if line.startswith("epee: recipe ")]
     assert recipe_lines == [
         "epee: recipe text checkpoint: epochs 1, lr 5e-05, head lr 0.001, batch 16, max length 128, "
-        "class balance weights, balance power 0.5 (set by flags: epochs)"
+        "class balance weights, balance power 0.5, distill 0.5 (set by flags: epochs)"
     ]
     assert summary["recipe"]["name"] == "text checkpoint" and summary["recipe"]["overridden"] == ["epochs"]
     assert summary["train_samples_per_second"] > 0 and summary["threads"] == 1
     record = EarlyExitModel.from_pretrained(output).spec.training
     assert record["recipe"] == summary["recipe"] and record["skipped_rows"] == {"train": {}, "dev": {}}
+    assert record["distill_weight"] == 0.5  # the recipe's self-distillation was used, not only printed
     assert record["train_samples"] == 40 and record["dev_samples"] == 16
 
 
@@ -239,3 +240,16 @@ def test_mild_augmentation_never_flips_and_keeps_the_image_format():
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
     out = augmentation("mild")(image)
     assert out.shape == image.shape and out.dtype == torch.uint8 and not torch.equal(out, image)
+
+
+def test_minilm_distils_by_default_and_a_flag_turns_it_off():
+    def resolved(backbone: str, **given) -> float:
+        return (
+            TrainConfig("text-classification", backbone, "t", "d", "o", **given)
+            .with_recipe()[0]
+            .distill_weight
+        )
+
+    assert resolved("minilm") == 0.5 and resolved("/some/bert") == 0.5  # pretrained text: distilled exits
+    assert resolved("albert-small") == 0.0 and resolved("gpt2-small") == 0.0  # from scratch: not measured yet
+    assert resolved("minilm", distill_weight=0.0) == 0.0

@@ -49,6 +49,7 @@ RECIPE_FIELDS = (
     "augment",
     "class_balance",
     "balance_power",
+    "distill_weight",
 )
 # How many batches' worth of shuffled rows are sorted by length together (length bucketing).
 BUCKET_CHUNK_BATCHES = 50
@@ -81,7 +82,7 @@ class TrainConfig:
     length_bucketing: bool = True  # text: batches of similar length, so they carry little padding
     # Exit-training options; the defaults are the original joint loss (measured in docs/training.md).
     layer_weights: str = "pabee"  # pabee (i / Σi), uniform, or one comma-separated weight per layer
-    distill_weight: float = 0.0  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
+    distill_weight: float | None = None  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
     distill_temperature: float = 2.0  # T
     early_stopping: int | None = None  # patience in epochs on the dev score; the best epoch's model is saved
     two_stage: bool = False  # stage 1: backbone + final head; stage 2: the other heads, backbone frozen
@@ -533,6 +534,7 @@ def describe_recipe(recipe: dict) -> str:
         "augment": "augment",
         "class_balance": "class balance",
         "balance_power": "balance power",
+        "distill_weight": "distill",
     }
     values = ", ".join(
         f"{label} {recipe[key]:g}" if isinstance(recipe[key], float) else f"{label} {recipe[key]}"
