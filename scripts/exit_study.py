@@ -37,8 +37,11 @@ from epee_core.training.trainer import train  # noqa: E402
 
 # name -> (the `epee train` flags it adds, the TrainConfig fields they set)
 VARIANTS = {
-    "baseline": ("(recipe)", {}),
-    "distill-0.5": ("--distill-weight 0.5 --distill-temperature 2", {"distill_weight": 0.5}),
+    "baseline": ("--distill-weight 0", {"distill_weight": 0.0}),  # the recipe before distillation
+    "distill-0.5": (
+        "--distill-weight 0.5 --distill-temperature 2",
+        {"distill_weight": 0.5},
+    ),  # MiniLM's recipe
     "distill-1.0": ("--distill-weight 1 --distill-temperature 2", {"distill_weight": 1.0}),
     "uniform-distill-0.5": (
         "--layer-weights uniform --distill-weight 0.5",
