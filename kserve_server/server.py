@@ -99,8 +99,12 @@ async def refused(_, error: RequestRefused) -> JSONResponse:
 
 async def not_an_infer_request(_, error: RequestValidationError) -> JSONResponse:
     """422 naming each place the body is wrong, without echoing its values (they may be NaN or Infinity)."""
-    problems = [".".join(str(part) for part in problem["loc"]) + ": " + problem["msg"] for problem in error.errors()]
-    return JSONResponse(status_code=422, content={"error": "not an inference request: " + "; ".join(problems[:5])})
+    problems = [
+        ".".join(str(part) for part in problem["loc"]) + ": " + problem["msg"] for problem in error.errors()
+    ]
+    return JSONResponse(
+        status_code=422, content={"error": "not an inference request: " + "; ".join(problems[:5])}
+    )
 
 
 class EarlyExitModelServer(ModelServer):

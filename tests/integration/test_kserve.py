@@ -258,7 +258,9 @@ def test_hostile_bodies_get_their_own_4xx_and_good_requests_beside_them_their_an
             _, status, fragment = HOSTILE[what]
             if what == "not JSON":
                 assert outcome.status_code == NOT_JSON_STATUS, outcome.text
-                assert set(outcome.json()) == {"error"} and "not an inference request" in outcome.json()["error"]
+                assert (
+                    set(outcome.json()) == {"error"} and "not an inference request" in outcome.json()["error"]
+                )
                 continue
             assert outcome.status_code == status, (what, outcome.text)
             assert set(outcome.json()) == {"error"} and fragment in outcome.json()["error"], (
