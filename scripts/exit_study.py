@@ -35,32 +35,36 @@ from epee_core.measure.results import (  # noqa: E402
 )
 from epee_core.training.trainer import train  # noqa: E402
 
-# name -> (the `epee train` flags it adds, the TrainConfig fields they set)
+# name -> the TrainConfig fields it sets on top of the backbone's recipe (`flags` spells them as `epee train` flags)
 VARIANTS = {
-    "baseline": ("--distill-weight 0", {"distill_weight": 0.0}),  # the recipe before distillation
-    "distill-0.5": (
-        "--distill-weight 0.5 --distill-temperature 2",
-        {"distill_weight": 0.5},
-    ),  # MiniLM's recipe
-    "distill-1.0": ("--distill-weight 1 --distill-temperature 2", {"distill_weight": 1.0}),
-    "uniform-distill-0.5": (
-        "--layer-weights uniform --distill-weight 0.5",
-        {"layer_weights": "uniform", "distill_weight": 0.5},
-    ),
-    "late-heavy": ("--layer-weights 1,1,1,1,2,4", {"layer_weights": "1,1,1,1,2,4"}),
-    "two-stage-distill-0.5": ("--two-stage --distill-weight 0.5", {"two_stage": True, "distill_weight": 0.5}),
+    "baseline": {"distill_weight": 0.0},  # the recipe before distillation
+    "distill-0.5": {"distill_weight": 0.5},  # MiniLM's recipe
+    "distill-1.0": {"distill_weight": 1.0},
+    "uniform-distill-0.5": {"layer_weights": "uniform", "distill_weight": 0.5},
+    "late-heavy": {"layer_weights": "1,1,1,1,2,4"},
+    "two-stage-distill-0.5": {"two_stage": True, "distill_weight": 0.5},
 }
+
+
+def flags(fields: dict) -> str:
+    """The `epee train` flags that set `fields` (a True switch is the bare flag)."""
+    words = []
+    for field, value in fields.items():
+        words.append("--" + field.replace("_", "-"))
+        if value is not True:
+            words.append(f"{value:g}" if isinstance(value, float) else str(value))
+    return " ".join(words)
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     """Train (unless done) and certify + measure (unless done) one variant."""
-    flags, fields = VARIANTS[name]
+    fields = VARIANTS[name]
     dataset, model_dir = DATASETS[args.dataset], Path(args.models) / name
     if not (model_dir / SPEC_FILE).is_file():
         config = train_config(args.backbone, dataset, Path(args.data), model_dir, True, args.train_threads)
         for field, value in fields.items():
             setattr(config, field, value)
-        log(f"train {name}: {flags}")
+        log(f"train {name}: {flags(fields)}")
         train(config)
     measurement_path = model_dir / REPORT_DIR / MEASUREMENT_FILE
     if measurement_path.is_file():
@@ -69,12 +73,12 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
         measurement = certify_and_measure(model_dir, dataset, Path(args.data), args)
         measurement_path.write_text(json.dumps(measurement, indent=2), encoding="utf-8")
-    return {"variant": name, "flags": flags, **measurement, **training_record(model_dir)}
+    return {"variant": name, "flags": flags(fields), **measurement, **training_record(model_dir)}
 
 
 def table(runs: list[dict]) -> str:
-    """One Markdown row per variant: full-depth accuracy, certified float32 / int8 layers and × hf, uncertified,
-    oracle, and the per-exit accuracy on the held-out half."""
+    """One Markdown row per variant: full-depth accuracy, certified float32 / int8 layers and × hf, uncertified and
+    oracle layers on the held-out half, training minutes."""
     head = (
         "| variant | flags | full-depth acc | certified: policy | avg exit | × hf | int8 certified: avg exit | × hf |"
         " uncertified avg exit | oracle avg exit | train min |\n|---|---|---|---|---|---|---|---|---|---|---|"

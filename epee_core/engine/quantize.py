@@ -55,7 +55,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.kernel = int8_kernel()
-        self._packed = None  # fbgemm's packed weight, made on first use
+        self._packed = None  # fbgemm's packed weight and fence row, made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Module) -> Int8Linear:
@@ -96,11 +96,13 @@ class Int8Linear(nn.Module):
                     self.weight_t.t().contiguous(), self.weight_scale.double(),
                     torch.zeros(self.out_features, dtype=torch.long), 0,
                 )  # fmt: skip
-                self._packed = torch.ops.quantized.linear_prepack(weight, None)
-        fence = rows.new_zeros(1, self.in_features)
-        fence[0, 0], fence[0, -1] = -FENCE, FENCE
+                packed = torch.ops.quantized.linear_prepack(weight, None)
+            fence = torch.zeros(1, self.in_features)
+            fence[0, 0], fence[0, -1] = -FENCE, FENCE
+            self._packed = (packed, fence)
+        packed, fence = self._packed
         levels = torch.cat([(rows * scale.reciprocal()).round_(), fence])
-        return torch.ops.quantized.linear_dynamic(levels, self._packed, True)[:-1].mul_(scale)
+        return torch.ops.quantized.linear_dynamic(levels, packed, True)[:-1].mul_(scale)
 
     def extra_repr(self) -> str:
         return (
