@@ -58,14 +58,30 @@ def test_a_batch_closes_when_full_or_when_the_delay_runs_out():
     assert batches == [4, 1]
 
 
-def test_the_layer_level_contestant_answers_as_batch_level_epee(tokenizer, examples):
+def test_the_layer_level_contestant_answers_as_batch_level_epee(tokenizer, examples, monkeypatch):
     model = build_tiny_model(tokenizer)
+    serve_continuously, cohort_threads = openloop.serve_continuously, []
+
+    def recording(workload, model, policy, limits, profile=None):
+        cohort_threads.append(limits.cohort_threads)
+        return serve_continuously(workload, model, policy, limits, profile)
+
+    monkeypatch.setattr(openloop, "serve_continuously", recording)
     bench = openloop.OpenLoopBench(model, examples, POLICY, batch_size=4, delays_ms=(0,), requests=24)
     workload = bench.workload(200.0, 24)
     _, batch_answers = bench.serve(openloop.Contestant("batch", POLICY.name, 0), workload)
     _, layer_answers = bench.serve(openloop.Contestant("continuous", POLICY.name), workload)
     assert layer_answers == batch_answers
     assert len({layer for _, layer in layer_answers}) > 1, "the tiny model should exit at several layers"
+    side_by_side = openloop.Contestant("continuous", POLICY.name, cohort_threads=2)  # its own cohort threads
+    profile: dict = {}
+    assert bench.serve(side_by_side, workload, profile)[1] == batch_answers
+    assert profile["steps"] > 0
+    row = bench.run_all([side_by_side], 200.0, 8)[0]
+    assert row["cohort_threads"] == 2 and "cohort_threads" not in bench.run(
+        openloop.Contestant("batch", "full", 0), 200.0, 8
+    )
+    assert cohort_threads[0] == 1 and set(cohort_threads[1:]) == {2}  # the bench's limits, then its own
 
 
 def test_bench_arrival_rate_prints_every_contestant_and_the_slo_capacity(tokenizer, tmp_path, capsys):

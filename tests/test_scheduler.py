@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from epee_core.engine.gate import GATE_FEATURES, ExitGate
 from epee_core.engine.policies import SERVABLE_POLICIES, make_policy
 from epee_core.engine.runner import run_early_exit
+from epee_core.serving.config import ServeConfig
 from epee_core.serving.scheduler import LayerScheduler, SchedulerLimits, pad_inputs
 
 KINDS = ["bert", "albert", "gpt2", "vit"]
@@ -194,31 +195,44 @@ def test_new_requests_wait_and_gather_while_max_cohorts_run(setups):
     assert not scheduler.waiting
 
 
-def test_cohort_threads_run_a_steps_cohorts_side_by_side(setups, monkeypatch):
-    """With two cohort threads, two cohorts in flight run their layer in the same step on the pool's threads,
-    and a newcomer is admitted from the cohorts in flight before the step (it waits while two run)."""
+@pytest.fixture
+def caller_threads():
+    """The calling thread's torch threads, restored after the test."""
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_cohort_threads_run_a_steps_cohorts_side_by_side(setups, monkeypatch, caller_threads):
+    """With two cohort threads, a lone cohort's layer runs on the calling thread with that thread's torch threads;
+    two cohorts in flight run their layers in the same step side by side, one torch thread each, and leave the
+    caller's setting alone; and a newcomer is admitted from the cohorts in flight before the step (it waits while
+    two run)."""
     model, rows, _ = setups["bert"]
     full = make_policy("full")
-    threads_seen: set[str] = set()
+    calls: list[tuple[str, int]] = []  # (thread, torch threads) per layer call
     layer = model.backbone.layer
     both_running = threading.Barrier(2, timeout=10)  # broken (an error) unless two layer calls overlap
     checking = [True]
 
     def recording_layer(*args):
         name = threading.current_thread().name
-        threads_seen.add(name)
+        calls.append((name.rsplit("_", 1)[0], torch.get_num_threads()))
         if name.startswith("epee-cohort") and checking[0]:
             both_running.wait()
         return layer(*args)
 
     monkeypatch.setattr(model.backbone, "layer", recording_layer)
+    torch.set_num_threads(2)  # the caller's (a worker's) setting
     scheduler = LayerScheduler(model, SchedulerLimits(max_cohorts=2, cohort_threads=2))
     scheduler.submit("first", rows[0], full)
     scheduler.step()
+    assert calls == [("MainThread", 2)]  # alone: on the caller's thread, with its threads
     scheduler.submit("second", rows[1], full)
     scheduler.step()
     assert sorted(cohort.depth for cohort in scheduler.cohorts) == [1, 2]
-    assert len(threads_seen - {"MainThread"}) == 2  # the second step's two layers ran on two pool threads
+    assert calls[1:] == [("epee-cohort", 1)] * 2  # side by side: one core each
+    assert torch.get_num_threads() == 2  # the pool's threads set only their own
     checking[0] = False
     scheduler.submit("third", rows[2], full)
     scheduler.step()
@@ -269,3 +283,16 @@ def test_a_request_that_breaks_a_layer_fails_alone(setups, monkeypatch):
     for key, row in (("a", 0), ("b", 1)):
         assert finished[key].error is None
         assert finished[key].rows[0].exit_layer == alone(setups["bert"], row, POLICIES.index(policy))[0]
+
+
+def test_cohort_threads_default_to_the_workers_threads(caller_threads):
+    """A model YAML without `cohort_threads` gives the scheduler as many cohort threads as the worker has torch
+    threads (`num_threads`, else torch's setting when the limits are read); an explicit value wins."""
+    torch.set_num_threads(2)
+    assert ServeConfig.from_section({}).scheduler_limits.cohort_threads == 2
+    assert ServeConfig.from_section({"num_threads": 1}).scheduler_limits.cohort_threads == 1
+    assert (
+        ServeConfig.from_section({"num_threads": 2, "cohort_threads": 1}).scheduler_limits.cohort_threads == 1
+    )
+    torch.set_num_threads(1)
+    assert ServeConfig.from_section({}).scheduler_limits.cohort_threads == 1

@@ -145,7 +145,7 @@ def add_open_loop_arguments(parser) -> None:
         "--cohort-threads",
         type=int,
         help="threads that run the layer-level scheduler's cohorts side by side (default: the YAML's "
-        "cohort_threads); the batch contestants use --threads torch threads",
+        "cohort_threads, else --threads); the batch contestants use --threads torch threads",
     )
     # batch contestants take the YAML's batchSize (8 without a YAML or for a continuous one)
     group.add_argument("--plot", help="write the latency-vs-load plot (PNG) here")

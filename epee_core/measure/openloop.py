@@ -21,7 +21,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,11 +40,13 @@ STOCK = "hf"
 @dataclass
 class Contestant:
     """One way of serving: a scheduler (`batch` or `continuous`) and a policy (`hf`, `full` or the calibrated
-    policy); batch contestants also carry their `max_batch_delay_ms`."""
+    policy); batch contestants also carry their `max_batch_delay_ms`, and a continuous one may set its own
+    `cohort_threads` (None: the bench's limits)."""
 
     scheduler: str
     policy: str
     max_batch_delay_ms: float | None = None
+    cohort_threads: int | None = None
 
 
 @dataclass
@@ -225,6 +227,7 @@ def summarise(contestant: Contestant, rate: float, measured: Measured) -> dict:
         "policy": contestant.policy,
         "rate": round(rate, 3),
         "max_batch_delay_ms": contestant.max_batch_delay_ms,
+        **({"cohort_threads": contestant.cohort_threads} if contestant.cohort_threads is not None else {}),
         "requests": count,
         "p50_ms": round(percentile(latencies, 0.50), 2),
         "p95_ms": round(percentile(latencies, 0.95), 2),
@@ -301,13 +304,10 @@ class OpenLoopBench:
 
     def serve(self, contestant: Contestant, workload: Workload, profile: dict | None = None):
         if contestant.scheduler == "continuous":
-            threads = (
-                torch.get_num_threads()
-            )  # cohort threads set torch's to 1; the batch contestants keep theirs
-            try:
-                return serve_continuously(workload, self.model, self.policy, self.limits, profile)
-            finally:
-                torch.set_num_threads(threads)
+            limits = self.limits
+            if contestant.cohort_threads is not None:
+                limits = replace(limits, cohort_threads=contestant.cohort_threads)
+            return serve_continuously(workload, self.model, self.policy, limits, profile)
         run = self.runners[contestant.policy]
         return serve_batches(workload, run, self.batch_size, contestant.max_batch_delay_ms or 0.0, profile)
 

@@ -219,7 +219,7 @@ class ServeConfig:
     max_admit_rows: int = 32
     max_step_tokens: int = 16384
     max_cohorts: int = 2
-    cohort_threads: int = 1
+    cohort_threads: int | None = None  # None: the worker's torch threads (`num_threads`, else torch's)
     # the shadow audit (serving/audit.py, docs/monitoring.md): a seeded share of rows also runs to full depth
     audit_fraction: float = 0.0  # 0: off
     audit_alpha: float = 0.05  # the monitor's false-alarm level
@@ -229,10 +229,16 @@ class ServeConfig:
 
     @property
     def scheduler_limits(self) -> SchedulerLimits:
+        """The scheduler's bounds; read where the worker has set its torch threads (a step's cohorts then run
+        side by side on as many threads as the worker has: docs/latency.md, "Cohort threads")."""
+        cohort_threads = self.cohort_threads or self.num_threads or torch.get_num_threads()
         return SchedulerLimits(
-            self.max_rows_in_flight, self.max_admit_rows, self.max_step_tokens, self.max_cohorts,
-            self.cohort_threads,
-        )  # fmt: skip
+            self.max_rows_in_flight,
+            self.max_admit_rows,
+            self.max_step_tokens,
+            self.max_cohorts,
+            cohort_threads,
+        )
 
     @property
     def monitored_rate(self) -> float | None:

@@ -29,6 +29,7 @@ open-loop benchmark (`epee bench --arrival-rate`) drive the same class.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +54,9 @@ class SchedulerLimits:
     # cohorts in flight: while this many run, new requests wait and gather into one larger cohort. Two beat both
     # one (run to completion) and no bound (every step runs every cohort) on a CPU (docs/latency.md)
     max_cohorts: int = 2
-    # threads that run a step's cohorts side by side, each cohort on one thread with one torch thread: a
-    # worker's cores serve two cohorts at once instead of splitting one small matrix product (docs/latency.md)
+    # threads that run a step's cohorts side by side, each cohort on its own thread with one torch thread, so
+    # a worker's cores serve several cohorts at once instead of splitting one small matrix product; a step with
+    # one cohort runs it on the calling thread with that thread's torch threads (docs/latency.md)
     cohort_threads: int = 1
 
     def check(self) -> None:
@@ -149,9 +151,11 @@ class LayerScheduler:
         self.cohorts: list[_Cohort] = []
         self.steps = 0
         self._pool = None
-        if self.limits.cohort_threads > 1:  # the threads are the parallelism: each runs torch on one thread
-            torch.set_num_threads(1)  # process-wide, as torch's setting is
-            self._pool = ThreadPoolExecutor(self.limits.cohort_threads, "epee-cohort")
+        if self.limits.cohort_threads > 1:  # torch's thread count is per thread once a thread sets it
+            self._pool = ThreadPoolExecutor(
+                self.limits.cohort_threads, "epee-cohort", initializer=torch.set_num_threads, initargs=(1,)
+            )
+            weakref.finalize(self, self._pool.shutdown, wait=False)
 
     # --- queue ---------------------------------------------------------------------------------------------
 
@@ -228,7 +232,10 @@ class LayerScheduler:
             done: list[Finished] = []
             return call(done), done
 
-        ran = map(piece, work) if self._pool is None or len(work) < 2 else self._pool.map(piece, work)
+        if self._pool is None or len(work) < 2:  # one piece: on the calling thread, with its torch threads
+            ran = map(piece, work)
+        else:  # several: side by side, one torch thread each
+            ran = self._pool.map(piece, work)
         cohorts: list[_Cohort] = []
         for advanced, done in ran:
             cohorts += [cohort for cohort in advanced if cohort.group.rows]
