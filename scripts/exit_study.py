@@ -43,6 +43,7 @@ VARIANTS = {
     "uniform-distill-0.5": {"layer_weights": "uniform", "distill_weight": 0.5},
     "late-heavy": {"layer_weights": "1,1,1,1,2,4"},
     "two-stage-distill-0.5": {"two_stage": True, "distill_weight": 0.5},
+    "distill-0.5-seed-1": {"distill_weight": 0.5, "seed": 1},  # the recipe again, another seed
 }
 
 
