@@ -100,7 +100,9 @@ class EarlyExitHandler(BaseHandler):
             str(model.dtype).removeprefix("torch."),
             config.quantize,
             torch.get_num_threads(),
-            "continuous" if continuous else "batch",
+            f"continuous ({self.batcher.scheduler.limits.cohort_threads} cohort threads)"
+            if continuous
+            else "batch",
             Path(epee_core.__file__).parent,  # the copy bundled in the archive (packaging.py)
         )
         if config.log_inputs:

@@ -49,13 +49,14 @@ HOSTILE = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    """Tiny model → YAML → `epee package --scheduler continuous` → TorchServe → register."""
+    """Tiny model → YAML → `epee package --scheduler continuous` → TorchServe → register. Two torch threads, so the
+    worker runs cohorts side by side on two cohort threads (their default: the worker's threads)."""
     work = tmp_path_factory.mktemp("continuous")
     model_dir = work / "model"
     build_tiny_model(tokenizer, num_layers=6).save_pretrained(model_dir)
     config = write_model_yaml(work / "model.yaml", batch_size=8, max_batch_delay=50, task="text-classification",
                               policy="entropy", entropy_threshold=0.3, max_text_chars=1000,
-                              max_body_bytes=3000, num_threads=1)  # fmt: skip
+                              max_body_bytes=3000, num_threads=2)  # fmt: skip
     store = work / "model_store"
     assert main(["package", "--model", str(model_dir), "--config", str(config), "--name", MODEL,
                  "--export-path", str(store), "--scheduler", "continuous"]) == 0  # fmt: skip
@@ -82,6 +83,10 @@ def test_the_archive_turns_on_torchserves_continuous_batching(setup):
     described = setup["client"].describe(MODEL)[0]
     assert described["continuousBatching"] is True
     assert described["batchSize"] == 64 and described["maxBatchDelay"] == 1
+    log = (setup["server"].log_dir / "model_log.log").read_text()
+    assert (
+        "2 torch threads, scheduler continuous (2 cohort threads)" in log
+    )  # the default: the worker's threads
 
 
 def test_sentences_exit_at_several_layers_so_requests_really_stream(expected):
