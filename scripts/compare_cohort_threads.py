@@ -59,11 +59,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({"threads": args.threads, "results": rows}, indent=2))
         return
-    print("| rate | scheduler | policy | cohort threads | p50 ms | p95 ms | p99 ms | busy ms/request |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| rate | scheduler | policy | cohort threads | p50 ms | p95 ms | p99 ms | busy ms/request | accuracy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['rate']} | {row['scheduler']} | {row['policy']} | {row.get('cohort_threads', '–')} | "
-              f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['profile']['busy_ms_per_request']} |")  # fmt: skip
+              f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['profile']['busy_ms_per_request']} | "
+              f"{row['accuracy']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
