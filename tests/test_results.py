@@ -157,3 +157,45 @@ def test_a_run_is_certified_on_one_dev_half_and_measured_on_the_other(trained_ru
         argv
     )  # its command regenerates it
     assert main(argv) == 0  # resumed: heldout.json is read back
+
+    # --update keeps the runs of the earlier JSON that were not measured now, and says where each was measured.
+    json_path = output.with_suffix(".json")
+    earlier = json.loads(json_path.read_text())
+    assert run["measured"] and "int8 kernel" in run["machine"]
+    other = {**run, "backbone": "gpt2-small", "machine": "another CPU"}
+    other.pop("measured")
+    json_path.write_text(json.dumps({**earlier, "generated": "2026-11-29", "runs": [other]}))
+    assert main([*argv, "--update"]) == 0
+    updated = json.loads(json_path.read_text())
+    assert [(r["backbone"], r["measured"]) for r in updated["runs"]] == [
+        ("minilm", run["measured"]),
+        ("gpt2-small", "2026-11-29"),
+    ]
+    assert updated["missing"] == ["minilm/ddi"]
+    markdown = output.read_text()
+    assert "Measured on different days or machines" in markdown
+    assert "- 2026-11-29, another CPU: gpt2-small/ade" in markdown
+
+
+def test_update_replaces_measured_runs_keeps_the_rest_in_report_order():
+    kept = {
+        "generated": "2026-11-29",
+        "runs": [
+            {"backbone": "gpt2-small", "dataset": "ade", "x": 1},
+            {"backbone": "minilm", "dataset": "ade", "x": 2},
+        ],
+    }
+    merged = results.merge_runs(
+        kept, {("minilm", "ade"): {"backbone": "minilm", "dataset": "ade", "x": 3}, ("minilm", "ddi"): None}
+    )
+    assert list(merged) == [("minilm", "ade"), ("minilm", "ddi"), ("gpt2-small", "ade")]
+    assert merged[("minilm", "ade")]["x"] == 3 and merged[("minilm", "ddi")] is None
+    assert merged[("gpt2-small", "ade")] == {
+        "measured": "2026-11-29",
+        "backbone": "gpt2-small",
+        "dataset": "ade",
+        "x": 1,
+    }
+    report = {"generated": "2026-12-03", "runs": [r for r in merged.values() if r]}
+    assert results.provenance_lines(report)[0].startswith("**Measured on different days")
+    assert results.provenance_lines({"generated": "2026-12-03", "runs": [merged[("minilm", "ade")]]}) == []

@@ -64,6 +64,10 @@ def add_results_report(reports) -> None:
     for flag, what in (
         ("--remeasure", "certify and measure again even if report/measurement.json exists"),
         (
+            "--update",
+            "keep the other runs of the JSON next to --output and replace only the runs measured now (with --only)",
+        ),
+        (
             "--skip-untrained",
             "report only the runs whose model is trained (the others are listed as missing)",
         ),

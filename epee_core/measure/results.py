@@ -39,6 +39,7 @@ from ..data.splits import SPLIT_SEED, halves_paths, write_dev_halves
 from ..data.text import label_tensor, read_task_examples
 from ..engine.model import SPEC_FILE, EarlyExitModel
 from ..engine.policies import Policy, make_policy
+from ..engine.quantize import int8_kernel
 from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.evaluate import evaluate_policies
 from ..evaluation.metrics import bootstrap_intervals, task_f1
@@ -320,7 +321,23 @@ def certify_and_measure(model_dir: Path, dataset: DataSet, data_dir: Path, args:
         "certificates": certificates,
         **measured,
         "measure_seconds": round(time.perf_counter() - started, 1),
+        "measured": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
     }
+
+
+def machine() -> str:
+    """The CPU a measurement ran on, as the report names it: model name and the int8 kernel it gets
+    (`fbgemm` means no VNNI, where int8 gains least; docs/int8.md)."""
+    try:
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+            if line.startswith("model name")
+        ]
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'} ({len(names) or '?'} cores), int8 kernel {int8_kernel()}"
 
 
 def training_record(model_dir: Path) -> dict:
@@ -503,6 +520,20 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
+def provenance_lines(report: dict) -> list[str]:
+    """When the runs were measured on different days or machines (`--update`), which were measured where: × hf
+    compares contestants within one run, never across runs."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for run in report["runs"]:
+        when = (run.get("measured", report["generated"]), run.get("machine", "machine not recorded"))
+        groups.setdefault(when, []).append(f"{run['backbone']}/{run['dataset']}")
+    if len(groups) < 2:
+        return []
+    lines = ["**Measured on different days or machines** (compare × hf within a run, not across runs):", ""]
+    lines += [f"- {date}, {where}: {', '.join(names)}" for (date, where), names in sorted(groups.items())]
+    return lines + [""]
+
+
 def render_markdown(report: dict) -> str:
     runs = report["runs"]
     train_seconds = sum(run["train_seconds"] or 0 for run in runs)
@@ -529,6 +560,7 @@ def render_markdown(report: dict) -> str:
         "forward over the padded batch (what a stock TorchServe handler runs, float32) timed in the same run.",
         "",
     ]
+    lines += provenance_lines(report)
     if report["missing"]:
         lines += [
             "**Not in this report** (not trained when it was generated; the next run trains them): "
@@ -607,6 +639,20 @@ def selected_runs(only: str | None) -> list[tuple[str, str]]:
     return [run for run in RUNS if run in wanted]
 
 
+def merge_runs(
+    kept: dict, measured: dict[tuple[str, str], dict | None]
+) -> dict[tuple[str, str], dict | None]:
+    """`--update`: the runs of an earlier report `kept`, each replaced by its new measurement where there is one,
+    in report order. A kept run without a measurement date gets the earlier report's (`generated`)."""
+    merged: dict[tuple[str, str], dict | None] = {}
+    for run in kept["runs"]:
+        merged[(run["backbone"], run["dataset"])] = {"measured": kept["generated"], **run}
+    for key, run in measured.items():
+        if run is not None or key not in merged:
+            merged[key] = run
+    return {key: merged[key] for key in RUNS if key in merged}
+
+
 def train_commands(args: argparse.Namespace) -> list[str]:
     """The `epee train` command of every selected run."""
     commands = []
@@ -626,6 +672,10 @@ def write_report(args: argparse.Namespace, command: str) -> dict:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     measured = {(backbone, name): run_one(backbone, name, args) for backbone, name in runs}
+    output = Path(args.output)
+    if args.update and output.with_suffix(".json").is_file():
+        kept = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
+        measured = merge_runs(kept, measured)
     report = {
         "command": command,
         "generated": time.strftime("%Y-%m-%d"),
@@ -635,7 +685,6 @@ def write_report(args: argparse.Namespace, command: str) -> dict:
         "missing": [f"{backbone}/{name}" for (backbone, name), run in measured.items() if run is None],
         "runs": [run for run in measured.values() if run is not None],
     }
-    output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_markdown(report), encoding="utf-8")
     output.with_suffix(".json").write_text(json.dumps(report, indent=2), encoding="utf-8")
