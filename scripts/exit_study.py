@@ -48,7 +48,6 @@ VARIANTS = {
         "distill_weight": 0.5,
         "epochs": 3,
     },  # MiniLM's own epochs (ADE's report runs one)
-    "distill-0.5-t1": {"distill_weight": 0.5, "distill_temperature": 1.0},
 }
 
 
