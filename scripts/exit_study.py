@@ -46,6 +46,7 @@ VARIANTS = {
     "distill-0.5-seed-1": {"distill_weight": 0.5, "seed": 1},  # the recipe again, another seed
     # MiniLM's own three epochs (the results report trains ADE for one)
     "distill-0.5-3-epochs": {"distill_weight": 0.5, "epochs": 3},
+    "uniform-distill-0.5-3-epochs": {"layer_weights": "uniform", "distill_weight": 0.5, "epochs": 3},
 }
 
 
