@@ -60,7 +60,7 @@ def test_docs_training_lists_exactly_the_commands_the_report_runs(capsys):
     printed = capsys.readouterr().out.splitlines()
     documented = Path(__file__).resolve().parents[1] / "docs" / "training.md"
     in_doc = [
-        line for line in documented.read_text(encoding="utf-8").splitlines() if line.startswith("epee train")
+        line for line in documented.read_text(encoding="utf-8").splitlines() if line.startswith("epee train ")
     ]
     assert in_doc == printed
 
