@@ -283,7 +283,7 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
     if measurement is None:
         measurement = certify_and_measure(model_dir, dataset, data_dir, args)
         measurement_path.write_text(json.dumps(measurement, indent=2), encoding="utf-8")
-    calibration, _ = halves_paths(dataset, model_dir / REPORT_DIR)
+    calibration, heldout = halves_paths(dataset, model_dir / REPORT_DIR)
     jobs = [
         calibration_job(model_dir, calibration, quantize, guarantee, args.skip_invalid)
         for _, quantize, guarantee in CALIBRATIONS
@@ -295,6 +295,9 @@ def run_one(backbone: str, dataset_name: str, args: argparse.Namespace) -> dict 
         "f1_key": task_f1(dataset.task),
         "commands": [train_command(config), *map(calibrate_command, jobs)],
         **measurement,
+        # this run's files, also when its measurement was read back from a model directory copied from elsewhere
+        "calibration_data": str(calibration),
+        "heldout_data": str(heldout),
         **training_record(model_dir),
     }
 
@@ -316,8 +319,6 @@ def certify_and_measure(model_dir: Path, dataset: DataSet, data_dir: Path, args:
     )
     return {
         "settings": measurement_settings(args),
-        "calibration_data": str(calibration),
-        "heldout_data": str(heldout),
         "certificates": certificates,
         **measured,
         "measure_seconds": round(time.perf_counter() - started, 1),
