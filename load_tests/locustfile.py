@@ -66,6 +66,8 @@ def add_arguments(parser) -> None:
     option("--wait-max", "EPEE_WAIT_MAX", 1.5, "think time between a user's requests: maximum s", float)
     option("--policy-override", "EPEE_POLICY_OVERRIDE", "", f"send {POLICY_HEADER}: NAME on every request")
     option("--key-file", "EPEE_KEY_FILE", "key_file.json", "TorchServe's key_file.json (inference key)")
+    option("--request-timeout", "EPEE_REQUEST_TIMEOUT", 70.0,
+           "s a request may take before it counts as failed (the models' responseTimeout 60 + 10)", float)  # fmt: skip
     option("--platform", "EPEE_PLATFORM", "torchserve", f"server kind: {' or '.join(PLATFORMS)}")
     option(
         "--target-hosts", "EPEE_TARGET_HOSTS", "", "replicas to spread users over: URL,URL (127.0.0.1 only)"
@@ -176,7 +178,8 @@ class EpeeUser(HttpUser):
                 request = {"json": payload}
             if override:
                 headers[POLICY_HEADER] = override
-        with self.client.post(url, name=name, headers=headers, catch_response=True, **request) as response:
+        with self.client.post(url, name=name, headers=headers, timeout=options.request_timeout, catch_response=True,
+                              **request) as response:  # fmt: skip
             if response.status_code != 200:
                 detail = response.text[:200] if response.text else repr(response.error)
                 response.failure(f"HTTP {response.status_code}: {detail}")

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -247,6 +248,28 @@ def test_the_locustfile_itself_refuses_another_host_before_any_request(tmp_path)
     assert (
         tmp_path / "run_stats.csv"
     ).read_text() == ""  # Locust opened its CSV files, then nothing happened
+
+
+def test_a_server_that_never_answers_costs_each_user_one_timeout_not_the_run(tmp_path):
+    """A request TorchServe loses (docs/operations.md, Faults) must become a failure after --request-timeout, and
+    the user goes on: with no timeout the one user would hang on its first request for the whole run."""
+    for kind in ("short", "long"):
+        path = tmp_path / payloads.DATA_FILES[kind]
+        path.parent.mkdir(parents=True)
+        path.write_text('{"text": "Rash after amoxicillin.", "label": 1}\n')
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog), never reads nor answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        locust = Path(sys.executable).parent / "locust"
+        completed = subprocess.run(
+            [str(locust), "-f", str(LOCUSTFILE), "--headless", "-H", f"http://127.0.0.1:{silent.getsockname()[1]}",
+             "-u", "1", "-t", "6s", "--request-timeout", "0.5", "--wait-min", "0", "--wait-max", "0.1",
+             "--data-dir", str(tmp_path), "--key-file", str(tmp_path / "none.json"), "--csv", str(tmp_path / "run")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    stats = read_stats(tmp_path / "run")["Aggregated"]
+    assert stats.requests >= 3 and stats.failures == stats.requests, completed.stderr[-2000:]
+    assert 400 <= stats.max_ms < 2000
 
 
 def test_an_unbounded_run_is_refused_with_the_locust_log(tmp_path):

@@ -32,11 +32,12 @@ pytestmark = pytest.mark.integration
 
 MODEL, DEBUG_MODEL, ROLLOUT_MODEL, BATCH8_MODEL = "fuzz", "debug-log", "roll", "batch8"
 MAX_BODY_BYTES, MAX_TEXT_CHARS = 3000, 1000
+BATCH_SIZE = 4  # the fuzz model's batchSize
 RESPONSE_TIMEOUT = 20  # seconds: the model YAML's responseTimeout; no client ever waits longer than this + 10
 
 
 def serve_yaml(
-    path: Path, policy: str = "epee", batch_size: int = 4, max_batch_delay: int = 50, **extra
+    path: Path, policy: str = "epee", batch_size: int = BATCH_SIZE, max_batch_delay: int = 50, **extra
 ) -> Path:
     config = write_model_yaml(path, batch_size=batch_size, max_batch_delay=max_batch_delay, task="text-classification",
                               policy=policy, max_body_bytes=MAX_BODY_BYTES, max_text_chars=MAX_TEXT_CHARS,
@@ -362,16 +363,41 @@ def test_a_killed_worker_is_restarted_and_the_server_keeps_serving(setup, server
     served_after = [
         finished - killed_at for sent, finished, outcome in results if sent > killed_at and ok(outcome)
     ]
-    failures = Counter(str(outcome) for _, _, outcome in results if not ok(outcome))
+    # TorchServe 0.12 drops, unanswered, the requests its frontend had gathered for the next batch when the worker
+    # died: WorkerThread is interrupted inside Model.pollBatch and run()'s `finally` clears them without a reply
+    # (docs/operations.md). Their clients see their own timeout. At most one batch of them, all sent before the kill.
+    lost = [sent - killed_at for sent, _, outcome in results if isinstance(outcome, requests.Timeout)]
+    answered = [(sent, finished, outcome) for sent, finished, outcome in results
+                if not isinstance(outcome, requests.Timeout)]  # fmt: skip
+    failures = Counter(str(outcome) for _, _, outcome in answered if not ok(outcome))
     print(f"\nworker kill: {len(results)} requests, worker pid {old['pid']} -> {current['pid']} READY after "
-          f"{worker_ready:.1f} s, first answer sent after the kill {min(served_after):.1f} s, failures {dict(failures)}")  # fmt: skip
+          f"{worker_ready:.1f} s, first answer sent after the kill {min(served_after):.1f} s, failures {dict(failures)}, "
+          f"lost by TorchServe's frontend {len(lost)}")  # fmt: skip
     assert served_after, "nothing was answered after the kill"
-    assert all(finished - sent < RESPONSE_TIMEOUT + 5 for sent, finished, _ in results)  # no hang
-    for outcome in failures:  # whatever was in flight gets an HTTP error, never a timeout or a reset
+    assert len(lost) <= BATCH_SIZE and all(sent < 1.0 for sent in lost), lost
+    assert all(finished - sent < RESPONSE_TIMEOUT + 5 for sent, finished, _ in answered)  # no hang
+    for outcome in failures:  # whatever else was in flight gets an HTTP error, never a reset
         assert outcome.isdigit() and int(outcome) >= 500, failures
     recovered = killed_at + worker_ready + 1
     late = [outcome for sent, _, outcome in results if sent > recovered]
     assert late and all(ok(outcome) for outcome in late)  # and everything after recovery is answered
+
+
+def test_a_request_gathered_for_a_batch_is_lost_when_its_worker_dies(setup, server):
+    """The upstream limit the kill test allows for, pinned down: a request waiting in TorchServe's frontend for its
+    batch to fill (maxBatchDelay 3 s here) when the worker dies gets no answer at all. If a TorchServe upgrade
+    answers it, this fails: then drop the allowance above and the warning in docs/operations.md."""
+    package(setup["model_dir"], serve_yaml(setup["work"] / "slow.yaml", max_batch_delay=3000), "slow",
+            setup["store"])  # fmt: skip
+    setup["client"].register("slow.mar", name="slow")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        answer = pool.submit(requests.post, url(server, "slow"), json={"text": SENTENCES[0]},
+                             headers=server.auth(), timeout=8)  # fmt: skip
+        time.sleep(1)  # the request is now gathered, its batch not yet sent
+        psutil.Process(worker(setup["client"], "slow")["pid"]).kill()
+        outcome = answer.exception() or answer.result()
+    setup["client"].unregister("slow")
+    assert isinstance(outcome, requests.Timeout), outcome
 
 
 # --- 4. a new version under traffic -----------------------------------------------------------------------------
