@@ -47,6 +47,7 @@ VARIANTS = {
     # MiniLM's own three epochs (the results report trains ADE for one)
     "distill-0.5-3-epochs": {"distill_weight": 0.5, "epochs": 3},
     "uniform-distill-0.5-3-epochs": {"layer_weights": "uniform", "distill_weight": 0.5, "epochs": 3},
+    "distill-1.0-3-epochs": {"distill_weight": 1.0, "epochs": 3},
     "distill-0.5-t1": {"distill_weight": 0.5, "distill_temperature": 1.0},  # the recipe at other temperatures
     "distill-0.5-t4": {"distill_weight": 0.5, "distill_temperature": 4.0},
 }
