@@ -50,6 +50,9 @@ VARIANTS = {
     "distill-1.0-3-epochs": {"distill_weight": 1.0, "epochs": 3},
     "distill-0.5-t1": {"distill_weight": 0.5, "distill_temperature": 1.0},  # the recipe at other temperatures
     "distill-0.5-t4": {"distill_weight": 0.5, "distill_temperature": 4.0},
+    # certainty ranking (CascadeBERT's difficulty-aware objective) on top of the recipe
+    "rank-1": {"distill_weight": 0.5, "rank_weight": 1.0},
+    "rank-4-margin-0.5": {"distill_weight": 0.5, "rank_weight": 4.0, "rank_margin": 0.5},
 }
 
 

@@ -15,7 +15,14 @@ from epee_core.cli.train import train_config_from_args
 from epee_core.engine.model import EarlyExitModel
 from epee_core.engine.spec import ConfigError
 from epee_core.training import trainer as training
-from epee_core.training.trainer import TrainConfig, distillation_loss, joint_loss, layer_weights, train
+from epee_core.training.trainer import (
+    TrainConfig,
+    distillation_loss,
+    joint_loss,
+    layer_weights,
+    ranking_loss,
+    train,
+)
 
 NUM_LAYERS = 3
 
@@ -152,6 +159,61 @@ def test_the_final_exit_gets_no_gradient_from_distillation():
     assert torch.allclose(with_distill, logits.grad[-1])
 
 
+# --- certainty ranking -----------------------------------------------------------------------------------------
+
+
+def _binary_entropy(p: float) -> float:
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
+
+
+def test_ranking_loss_charges_a_wrong_row_that_is_more_certain_than_a_right_one():
+    """Row 0 is right at p = 0.6, row 1 wrong at p = 0.9: the pair costs margin − (H_wrong − H_right)."""
+    logits = torch.tensor([[math.log(0.6 / 0.4), 0.0], [math.log(0.9 / 0.1), 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 1])
+    loss = ranking_loss(logits, targets, False, margin=0.3)
+    expected = 0.3 - (_binary_entropy(0.9) - _binary_entropy(0.6))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    # it makes the wrong row less sure of its wrong class and the right row surer of its right one
+    assert logits.grad[1, 0] > 0 and logits.grad[0, 0] < 0
+
+
+def test_ranking_loss_is_zero_once_right_rows_are_more_certain_by_the_margin():
+    logits = torch.tensor([[5.0, 0.0], [0.1, 0.0]])  # right and sure; wrong and unsure
+    assert ranking_loss(logits, torch.tensor([0, 1]), False, margin=0.3).item() == 0.0
+
+
+def test_ranking_loss_without_a_right_wrong_pair_is_zero_and_keeps_the_graph():
+    logits = torch.tensor([[2.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    loss = ranking_loss(logits, torch.tensor([0, 0]), False, margin=0.3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+def test_multi_label_ranking_counts_a_row_right_only_when_its_whole_label_set_is():
+    logits = torch.tensor([[4.0, 4.0], [4.0, -4.0]])  # both rows predict label 0; row 0 also label 1
+    targets = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # row 0 has one label wrong: a wrong row
+    loss = ranking_loss(logits, targets, True, margin=0.3)
+    assert loss.item() == pytest.approx(0.3, abs=1e-3)  # equal certainty: the whole margin
+
+
+def test_joint_loss_adds_ranking_to_early_exits_only():
+    logits = torch.randn(3, 8, 2, requires_grad=True)
+    targets = torch.tensor([0, 1] * 4)
+    weights = layer_weights(3)
+    joint_loss(logits, targets, False, weights, rank_weight=2.0).backward()
+    ranked = logits.grad.clone()
+    logits.grad = None
+    joint_loss(logits, targets, False, weights).backward()
+    assert torch.allclose(ranked[-1], logits.grad[-1])  # the final exit: its label loss alone
+    extra = sum(weights[i] * 2.0 * ranking_loss(logits[i], targets, False, 0.3).item() for i in range(2))
+    with torch.no_grad():
+        difference = joint_loss(logits, targets, False, weights, rank_weight=2.0) - joint_loss(
+            logits, targets, False, weights
+        )
+    assert difference.item() == pytest.approx(float(extra), abs=1e-5)
+
+
 def test_zero_distill_weight_is_the_plain_pabee_loss():
     logits, targets = torch.randn(3, 4, 2), torch.tensor([0, 1, 1, 0])
     plain = sum(
@@ -250,6 +312,7 @@ def test_train_flags_map_to_the_train_config():
     args = build_parser().parse_args(
         REQUIRED
         + ["--layer-weights", "uniform", "--distill-weight", "0.5", "--distill-temperature", "3"]
+        + ["--rank-weight", "1.5", "--rank-margin", "0.2"]
         + [
             "--early-stopping",
             "2",
@@ -264,6 +327,7 @@ def test_train_flags_map_to_the_train_config():
     )
     config = train_config_from_args(args)
     assert (config.layer_weights, config.distill_weight, config.distill_temperature) == ("uniform", 0.5, 3.0)
+    assert (config.rank_weight, config.rank_margin) == (1.5, 0.2)
     assert (config.early_stopping, config.two_stage, config.stage2_epochs) == (2, True, 4)
     assert (config.learning_rate, config.head_learning_rate) == (2e-5, 5e-3)
 
@@ -273,7 +337,8 @@ def test_train_flag_defaults_are_the_train_config_defaults():
     plain = TrainConfig(
         task="text-classification", backbone="minilm", train_path="t", dev_path="d", output="o"
     )
-    for field in ("layer_weights", "distill_weight", "distill_temperature", "early_stopping", "two_stage"):
+    same = ("layer_weights", "distill_weight", "distill_temperature", "rank_weight", "rank_margin")
+    for field in (*same, "early_stopping", "two_stage"):
         assert getattr(config, field) == getattr(plain, field), field
     for field in training.RECIPE_FIELDS:  # unset: the recipe fills them in
         assert getattr(config, field) is None and getattr(plain, field) is None, field
@@ -285,6 +350,8 @@ def test_train_flag_defaults_are_the_train_config_defaults():
     [
         (["--distill-weight", "1.5"], "--distill-weight must be in [0, 1], got 1.5"),
         (["--distill-temperature", "0"], "--distill-temperature must be > 0"),
+        (["--rank-weight", "-1"], "--rank-weight must be >= 0, got -1.0"),
+        (["--rank-margin", "0"], "--rank-margin must be in (0, 1], got 0.0"),
         (["--early-stopping", "0"], "--early-stopping must be a patience of at least 1 epoch"),
         (["--layer-weights", "deebert"], "--layer-weights 'deebert': expected pabee, uniform"),
         (["--two-stage", "--freeze-backbone"], "--two-stage fine-tunes the backbone"),
@@ -303,7 +370,7 @@ def test_bad_train_flags_are_one_line_errors(capsys, flags, message):
     assert err.startswith("epee: error: ") and message in err and "\n" not in err
 
 
-def test_multi_label_trains_with_distillation_and_scores_example_f1(tiny_backbone_dir, tmp_path):
+def test_multi_label_trains_with_distillation_and_ranking_and_scores_example_f1(tiny_backbone_dir, tmp_path):
     rows = [
         {"text": "drug A activates receptor B", "labels": ["ACTIVATOR"]},
         {"text": "drug C blocks channel D", "labels": ["ANTAGONIST", "DOWNREGULATOR"]},
@@ -312,11 +379,12 @@ def test_multi_label_trains_with_distillation_and_scores_example_f1(tiny_backbon
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows * 4))
     config = tiny_config(
-        tiny_backbone_dir, tmp_path / "model", epochs=2, distill_weight=0.5, early_stopping=1
+        tiny_backbone_dir, tmp_path / "model", epochs=2, distill_weight=0.5, early_stopping=1, rank_weight=1.0
     )
     config.task, config.train_path, config.dev_path = "multi-label", str(data), str(data)
     summary = train(config)
     assert summary["selection_metric"] == "example_f1"
+    assert (summary["rank_weight"], summary["rank_margin"]) == (1.0, 0.3)  # recorded in epee.yaml
     for entry in summary["history"]:
         mean = sum(entry["dev_example_f1_per_exit"]) / NUM_LAYERS
         assert entry["dev_score"] == pytest.approx(mean, abs=1e-3)

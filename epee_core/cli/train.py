@@ -81,6 +81,20 @@ def add_train(commands) -> None:
         help="softmax temperature of distillation (default 2)",
     )
     exits.add_argument(
+        "--rank-weight",
+        type=float,
+        default=0.0,
+        help="β ≥ 0 of certainty ranking: each early exit also learns β·max(0, margin − (H_wrong − H_right)) over "
+        "its right/wrong row pairs in a batch, H its normalised entropy (CascadeBERT's difficulty-aware "
+        "objective; default 0 = off)",
+    )
+    exits.add_argument(
+        "--rank-margin",
+        type=float,
+        default=0.3,
+        help="margin of certainty ranking in normalised entropy, in (0, 1] (default 0.3)",
+    )
+    exits.add_argument(
         "--early-stopping",
         type=int,
         metavar="N",
@@ -121,6 +135,8 @@ def train_config_from_args(args):
         layer_weights=args.layer_weights,
         distill_weight=args.distill_weight,
         distill_temperature=args.distill_temperature,
+        rank_weight=args.rank_weight,
+        rank_margin=args.rank_margin,
         early_stopping=args.early_stopping,
         two_stage=args.two_stage,
         stage2_epochs=args.stage2_epochs,

@@ -22,7 +22,7 @@ from ..data.text import example_labels, label_tensor, label_vocabulary, read_tas
 from ..engine.backbones import build_backbone, check_backbone
 from ..engine.inputs import ENTITY_MARKERS, Example, ImageExample, add_entity_markers, model_text
 from ..engine.model import EarlyExitModel
-from ..engine.signals import predictions
+from ..engine.signals import layer_probs, normalised_entropy, predictions
 from ..engine.spec import ConfigError, ModelSpec
 from ..evaluation.metrics import task_metrics
 from .augment import augmentation
@@ -84,6 +84,10 @@ class TrainConfig:
     layer_weights: str = "pabee"  # pabee (i / Σi), uniform, or one comma-separated weight per layer
     distill_weight: float | None = None  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
     distill_temperature: float = 2.0  # T
+    rank_weight: float = (
+        0.0  # β of the certainty-ranking term (CascadeBERT's difficulty-aware objective; 0: off)
+    )
+    rank_margin: float = 0.3  # its margin in normalised entropy
     early_stopping: int | None = None  # patience in epochs on the dev score; the best epoch's model is saved
     two_stage: bool = False  # stage 1: backbone + final head; stage 2: the other heads, backbone frozen
     stage2_epochs: int | None = None  # epochs of stage 2 (default: `epochs`)
@@ -132,6 +136,10 @@ class TrainConfig:
             raise ConfigError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
         if self.distill_temperature <= 0:
             raise ConfigError(f"--distill-temperature must be > 0, got {self.distill_temperature}")
+        if self.rank_weight < 0:
+            raise ConfigError(f"--rank-weight must be >= 0, got {self.rank_weight}")
+        if not 0.0 < self.rank_margin <= 1.0:
+            raise ConfigError(f"--rank-margin must be in (0, 1], got {self.rank_margin}")
         if self.early_stopping is not None and self.early_stopping < 1:
             raise ConfigError(
                 f"--early-stopping must be a patience of at least 1 epoch, got {self.early_stopping}"
@@ -253,6 +261,23 @@ def distillation_loss(
     return loss * temperature**2
 
 
+def ranking_loss(
+    logits: torch.Tensor, targets: torch.Tensor, multi_label: bool, margin: float
+) -> torch.Tensor:
+    """Certainty ranking within a batch (CascadeBERT's difficulty-aware objective, Li et al. 2021, with the exit
+    policies' own signal): every row the exit gets right should be more certain than every row it gets wrong, by
+    `margin` in normalised entropy H. Mean over such pairs of max(0, margin − (H_wrong − H_right)); 0 when the
+    batch has no right/wrong pair. Multi-label: a row is right when its whole label set is."""
+    probs = layer_probs(logits, multi_label)
+    entropy = normalised_entropy(probs, multi_label)
+    guessed = predictions(probs, multi_label)
+    right = (guessed == targets.bool()).all(-1) if multi_label else guessed == targets
+    gaps = entropy[~right].unsqueeze(0) - entropy[right].unsqueeze(1)  # [right, wrong]
+    if gaps.numel() == 0:
+        return logits.sum() * 0.0  # keeps the graph: no pair, no gradient
+    return torch.relu(margin - gaps).mean()
+
+
 def joint_loss(
     all_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -261,9 +286,12 @@ def joint_loss(
     distill_weight: float = 0.0,
     distill_temperature: float = 2.0,
     class_weights: torch.Tensor | None = None,
+    rank_weight: float = 0.0,
+    rank_margin: float = 0.3,
 ) -> torch.Tensor:
     """Σ_i w_i·loss_i over the exits of `all_logits` [L, B, C] (w: PABEE's by default). With distillation every
-    exit but the last learns (1 − α)·task loss + α·distillation loss; the final exit keeps the plain task loss."""
+    exit but the last learns (1 − α)·task loss + α·distillation loss; the final exit keeps the plain task loss.
+    With `rank_weight` β every exit but the last adds β·`ranking_loss`."""
     num_layers = all_logits.shape[0]
     weights = layer_weights(num_layers) if weights is None else weights
     final_logits = all_logits[-1].detach()
@@ -273,6 +301,8 @@ def joint_loss(
         if distill_weight > 0 and index < num_layers - 1:
             soft = distillation_loss(logits, final_logits, distill_temperature, multi_label)
             loss = (1 - distill_weight) * loss + distill_weight * soft
+        if rank_weight > 0 and index < num_layers - 1:
+            loss = loss + rank_weight * ranking_loss(logits, targets, multi_label, rank_margin)
         per_layer.append(loss)
     return (torch.stack(per_layer) * weights.to(all_logits.device)).sum()
 
@@ -480,6 +510,8 @@ def train_stage(
                 distill_weight,
                 config.distill_temperature,
                 training_set.class_weights,
+                config.rank_weight,
+                config.rank_margin,
             )
             optimizer.zero_grad()
             loss.backward()
