@@ -84,9 +84,7 @@ class TrainConfig:
     layer_weights: str = "pabee"  # pabee (i / Σi), uniform, or one comma-separated weight per layer
     distill_weight: float | None = None  # α: early exits learn (1 − α)·task loss + α·T²·KL(final exit ‖ exit)
     distill_temperature: float = 2.0  # T
-    rank_weight: float = (
-        0.0  # β of the certainty-ranking term (CascadeBERT's difficulty-aware objective; 0: off)
-    )
+    rank_weight: float = 0.0  # β: early exits add β·`ranking_loss` (0: off)
     rank_margin: float = 0.3  # its margin in normalised entropy
     early_stopping: int | None = None  # patience in epochs on the dev score; the best epoch's model is saved
     two_stage: bool = False  # stage 1: backbone + final head; stage 2: the other heads, backbone frozen
