@@ -78,7 +78,7 @@ class EarlyExitHandler(BaseHandler):
         device, dtype = config.placement(context.system_properties.get("gpu_id"))
         model_dir = Path(context.system_properties["model_dir"]) / ARCHIVE_MODEL_DIR
         model = EarlyExitModel.from_pretrained(
-            model_dir, device=device, dtype=dtype, quantize=config.quantize
+            model_dir, device=device, dtype=dtype, quantize=config.quantize, runtime=config.runtime_on(device)
         )
         version = (self.manifest or {}).get("model", {}).get("modelVersion")
         self.service = self.service_class(model, config, model_name=context.model_name, model_version=version)
@@ -90,8 +90,8 @@ class EarlyExitHandler(BaseHandler):
         self.initialized = True
         spec = self.service.spec
         logger.info(
-            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, quantize %s, %d torch threads, scheduler %s, "
-            "engine %s",
+            "epee: %s %s, %d layers, policy %s, device %s, dtype %s, quantize %s, runtime %s, %d torch threads, "
+            "scheduler %s, engine %s",
             context.model_name,
             spec.task,
             spec.num_layers,
@@ -99,6 +99,7 @@ class EarlyExitHandler(BaseHandler):
             model.device,
             str(model.dtype).removeprefix("torch."),
             config.quantize,
+            model.runtime,
             torch.get_num_threads(),
             f"continuous ({self.batcher.scheduler.limits.cohort_threads} cohort threads)"
             if continuous

@@ -122,7 +122,11 @@ class EarlyExitKServeModel(Model):
             torch.set_num_threads(config.num_threads)
         device, dtype = config.placement(None)
         model = epee_core.EarlyExitModel.from_pretrained(
-            self.model_dir, device=device, dtype=dtype, quantize=config.quantize
+            self.model_dir,
+            device=device,
+            dtype=dtype,
+            quantize=config.quantize,
+            runtime=config.runtime_on(device),
         )
         service_class = (
             epee_core.ImageService if model.spec.task == "image-classification" else epee_core.TextService

@@ -99,14 +99,22 @@ def test_handler_with_a_gpu_id_and_cuda_loads_onto_that_gpu(tmp_path, tokenizer,
     asked = {}
     load = EarlyExitModel.from_pretrained
 
-    def loader(directory, device="cpu", dtype=None, quantize="none"):
-        asked.update(device=device, dtype=dtype, quantize=quantize)
+    def loader(directory, device="cpu", dtype=None, quantize="none", runtime="torch"):
+        asked.update(device=device, dtype=dtype, quantize=quantize, runtime=runtime)
         return load(directory)  # built on the CPU: this host has no GPU
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(base.EarlyExitModel, "from_pretrained", staticmethod(loader))
-    handlers.TextHandler().initialize(fake_context(tmp_path, tokenizer, gpu_id=1, dtype="bfloat16"))
-    assert asked == {"device": torch.device("cuda", 1), "dtype": torch.bfloat16, "quantize": "none"}
+    context = fake_context(tmp_path, tokenizer, gpu_id=1, dtype="bfloat16", runtime="onnxruntime")
+    handlers.TextHandler().initialize(context)
+    # ONNX Runtime layers run on the CPU only: the GPU worker keeps torch
+    expected = {
+        "device": torch.device("cuda", 1),
+        "dtype": torch.bfloat16,
+        "quantize": "none",
+        "runtime": "torch",
+    }
+    assert asked == expected
 
 
 # --- the engine follows the model's device and dtype -----------------------------------------------------------------
@@ -172,5 +180,17 @@ def test_handler_quantizes_at_load_when_the_yaml_says_int8(tmp_path, tokenizer, 
         handler.initialize(fake_context(tmp_path, tokenizer, gpu_id=None, quantize="int8"))
     assert any(isinstance(module, Int8Linear) for module in handler.service.model.backbone.modules())
     assert "quantize int8" in caplog.text
+    (answer,) = handler.service.answer([{"body": {"text": "Rash after penicillin."}}], [{}])
+    assert answer.status == 200 and answer.body["exit_layer"] >= 1
+
+
+def test_handler_runs_onnxruntime_layers_when_the_yaml_says_so(tmp_path, tokenizer, caplog):
+    handlers = pytest.importorskip("handlers.text_handler")
+    handler = handlers.TextHandler()
+    with caplog.at_level(logging.INFO):
+        handler.initialize(fake_context(tmp_path, tokenizer, gpu_id=None, runtime="onnxruntime"))
+    assert handler.service.model.runtime == "onnxruntime"
+    assert handler.service.model.backbone.layer_runtime is not None
+    assert "runtime onnxruntime" in caplog.text
     (answer,) = handler.service.answer([{"body": {"text": "Rash after penicillin."}}], [{}])
     assert answer.status == 200 and answer.body["exit_layer"] >= 1

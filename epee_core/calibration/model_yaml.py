@@ -32,6 +32,7 @@ class ServingOptions:
     response_timeout: int = 120  # s
     num_threads: int | None = None  # torch threads per worker (`epee:` section); None: torch's default
     quantize: str = "none"  # "int8": the worker quantizes at load, and calibration ran on the int8 model
+    runtime: str = "torch"  # "onnxruntime": the worker runs the layers there, and calibration ran on them
     scheduler: str = (
         DEFAULT_SCHEDULER  # "continuous": the layer-level scheduler; "batch": TorchServe's batching
     )
@@ -65,6 +66,8 @@ def model_yaml(
         section["num_threads"] = serving.num_threads
     if serving.quantize != "none":
         section["quantize"] = serving.quantize
+    if serving.runtime != "torch":
+        section["runtime"] = serving.runtime
     if guarantee is not None:
         section["guarantee"] = dict(guarantee)
     config = {

@@ -135,8 +135,11 @@ def fresh_cache(
     Without `--cache` the logits live in memory only. Data without labels is cached with full depth's
     predictions as labels, under `--guarantee consistency` only.
     """
-    quantize = (job.serving or ServingOptions()).quantize
+    serving = job.serving or ServingOptions()
+    quantize, runtime = serving.quantize, serving.runtime
     expected = {**fingerprint(job.model_dir, job.data_path, job.max_samples), "quantize": quantize}
+    if runtime != "torch":  # a key only when set, so caches written before runtimes existed stay fresh
+        expected["runtime"] = runtime
     cache, status = None, "built (in memory only)"
     if job.cache_path and Path(job.cache_path).exists():
         try:
@@ -151,7 +154,7 @@ def fresh_cache(
     if cache is not None and timing_ok:
         return cache, LayerTimes.from_dict(cache.timing), status
 
-    model = EarlyExitModel.from_pretrained(job.model_dir, quantize=quantize)
+    model = EarlyExitModel.from_pretrained(job.model_dir, quantize=quantize, runtime=runtime)
     allow_unlabelled = job.options is not None and job.options.guarantee == "consistency"
     batches, labelled = dev_batches(
         model, job.data_path, job.max_samples, batch_size, allow_unlabelled, job.skip_invalid

@@ -76,7 +76,7 @@ def measure_layer_times(
         embed_runs.append(time.perf_counter() - started)
         for index in range(model.num_layers):
             started = time.perf_counter()
-            hidden = backbone.layer(index, hidden, bias)
+            hidden = backbone.run_layer(index, hidden, bias)
             layer_done = time.perf_counter()
             model.exits(index, hidden, mask)
             head_runs[index].append(time.perf_counter() - layer_done)

@@ -105,7 +105,7 @@ def run_audit(args) -> None:
         epsilon, source = certified_rate(serve.guarantee, args.config)
     if not 0.0 < epsilon < 1.0:
         raise CommandError(f"{args.config}: {source} must be in (0, 1) to be monitored, got {epsilon}")
-    model = EarlyExitModel.from_pretrained(args.model, quantize=serve.quantize)
+    model = EarlyExitModel.from_pretrained(args.model, quantize=serve.quantize, runtime=serve.runtime)
     if model.spec.task == "image-classification":
         raise CommandError("epee audit replays text requests; image models are not supported yet")
     service = TextService(model, serve)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..engine.spec import ConfigError
+from ..engine.spec import RUNTIMES, ConfigError
 
 if TYPE_CHECKING:
     from ..engine.policies import Policy
@@ -131,15 +131,26 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def add_quantize_argument(parser, what: str) -> None:
-    """`--quantize none|int8` (default: the `--config` YAML's `quantize`, else none)."""
+def add_numerics_arguments(parser, what: str) -> None:
+    """`--quantize none|int8` and `--runtime torch|onnxruntime` (default: the `--config` YAML's, else none and
+    torch)."""
     parser.add_argument(
         "--quantize",
         choices=("none", "int8"),
         help=f"{what} (default: the --config YAML's 'quantize', else none); int8 runs on the CPU",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="where the float32 layers run: torch, or onnxruntime on the CPU (default: the --config YAML's "
+        "'runtime', else torch)",
+    )
 
 
-def quantize_choice(args, serve: ServeConfig | None) -> str:
-    """The quantization a command runs with: `--quantize`, else the model YAML's, else none."""
-    return args.quantize or (serve.quantize if serve else "none")
+def numerics_choice(args, serve: ServeConfig | None) -> dict[str, str]:
+    """The `quantize` and `runtime` a command loads its model with: the flags, else the model YAML's, else none
+    and torch (keyword arguments of `EarlyExitModel.from_pretrained`)."""
+    return {
+        "quantize": args.quantize or (serve.quantize if serve else "none"),
+        "runtime": args.runtime or (serve.runtime if serve else "torch"),
+    }

@@ -7,12 +7,12 @@ import json
 from .common import (
     CommandError,
     add_model_data_arguments,
-    add_quantize_argument,
+    add_numerics_arguments,
     add_skip_invalid,
     emit,
     format_table,
+    numerics_choice,
     policies_from_args,
-    quantize_choice,
     read_model_data,
 )
 
@@ -44,7 +44,7 @@ def add_evaluate(commands) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="rows per engine call (default 8)")
     parser.add_argument("--max-samples", type=int, help="use only the first N examples")
-    add_quantize_argument(parser, "run the model in int8")
+    add_numerics_arguments(parser, "run the model in int8")
     add_skip_invalid(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(run=run_evaluate)
@@ -57,7 +57,7 @@ def run_evaluate(args) -> None:
 
     policies = policies_from_args(args.policy, args.set, args.config)
     serve = ServeConfig.load(args.config) if args.config else None
-    model = EarlyExitModel.from_pretrained(args.model, quantize=quantize_choice(args, serve))
+    model = EarlyExitModel.from_pretrained(args.model, **numerics_choice(args, serve))
     data = read_model_data(args, model)
     results = evaluate_policies(model, data.examples, policies, args.batch_size)
     columns = list(EVALUATE_COLUMNS)
@@ -107,7 +107,7 @@ def add_bench(commands) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "float16", "bfloat16"), help="weights' dtype (default float32)"
     )
-    add_quantize_argument(parser, "run the policies in int8; the `hf` row stays the float32 stock forward")
+    add_numerics_arguments(parser, "run the policies in int8; the `hf` row stays the float32 stock forward")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_open_loop_arguments(parser)
     parser.set_defaults(run=run_bench)
@@ -197,15 +197,18 @@ def run_bench(args) -> None:
     if len({policy.name for policy in policies}) != len(policies):
         raise PolicyError(f"--policies names a policy twice: {names}")
     device, dtype = bench_placement(args.device, args.dtype)
-    quantize = quantize_choice(args, serve)
-    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, quantize=quantize)
-    # the stock-handler baseline is the plain float32 model, whatever the policies run in
-    stock = EarlyExitModel.from_pretrained(args.model, device=device) if quantize != "none" else None
+    numerics = numerics_choice(args, serve)
+    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, **numerics)
+    # the stock-handler baseline is the plain float32 torch model, whatever the policies run in (a runtime
+    # leaves `stock_forward` in torch)
+    stock = (
+        EarlyExitModel.from_pretrained(args.model, device=device) if numerics["quantize"] != "none" else None
+    )
     data = read_model_data(args, model)
     threads = args.threads or (serve.num_threads if serve else None)
     report = bench.run_bench(model, data.examples, policies, batch_sizes, threads, stock_model=stock)
     report = {"model": args.model, "data": args.data, "config": args.config, "device": str(device),
-              "dtype": str(model.dtype).removeprefix("torch."), "quantize": quantize, **report}  # fmt: skip
+              "dtype": str(model.dtype).removeprefix("torch."), **numerics, **report}  # fmt: skip
     report["skipped_rows"] = data.skipped_rows
     stem = f"bench-{Path(args.model).name}-{Path(args.data).stem}"
     json_path, markdown_path = bench.write_report(report, args.output_dir or default_report_dir(), stem)
@@ -245,9 +248,11 @@ def run_open_loop_bench(args) -> None:
     if args.requests < 10:
         raise CommandError(f"--requests must be at least 10, got {args.requests}")
     device, dtype = bench_placement(args.device, args.dtype)
-    quantize = quantize_choice(args, serve if args.config else None)
-    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, quantize=quantize)
-    stock = EarlyExitModel.from_pretrained(args.model, device=device) if quantize != "none" else None
+    numerics = numerics_choice(args, serve if args.config else None)
+    model = EarlyExitModel.from_pretrained(args.model, device=device, dtype=dtype, **numerics)
+    stock = (
+        EarlyExitModel.from_pretrained(args.model, device=device) if numerics["quantize"] != "none" else None
+    )
     data = read_model_data(args, model)
     threads = args.threads or serve.num_threads or 1
     previous_threads = torch.get_num_threads()
@@ -267,7 +272,7 @@ def run_open_loop_bench(args) -> None:
     finally:
         torch.set_num_threads(previous_threads)
     report = {"model": args.model, "data": args.data, "config": args.config, "policy": policy.describe(),
-              "threads": threads, "cohort_threads": limits.cohort_threads, "quantize": quantize, **report,
+              "threads": threads, "cohort_threads": limits.cohort_threads, **numerics, **report,
               "skipped_rows": data.skipped_rows}  # fmt: skip
     stem = f"openloop-{Path(args.model).name}-{Path(args.data).stem}"
     out_dir = Path(args.output_dir or default_report_dir())

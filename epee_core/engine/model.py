@@ -31,6 +31,7 @@ from .inputs import (
     model_text,
     processor_image_size,
 )
+from .onnx_layers import use_runtime
 from .quantize import quantize_model
 from .spec import ConfigError, ModelSpec
 
@@ -96,6 +97,7 @@ class EarlyExitModel(nn.Module):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.quantization = "none"  # set by `quantize.quantize_model`
+        self.runtime = "torch"  # set by `onnx_layers.use_runtime`
         self.exit_gate: ExitGate | None = None  # the `gate` policy's classifier, when the directory has one
 
     @property
@@ -130,7 +132,7 @@ class EarlyExitModel(nn.Module):
         bias = self.backbone.attention_bias(mask, hidden.dtype)
         all_logits = []
         for index in range(self.num_layers):
-            hidden = self.backbone.layer(index, hidden, bias)
+            hidden = self.backbone.run_layer(index, hidden, bias)
             all_logits.append(self.exits(index, hidden, mask))
         return torch.stack(all_logits)
 
@@ -162,10 +164,12 @@ class EarlyExitModel(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         quantize: str = "none",
+        runtime: str = "torch",
     ) -> EarlyExitModel:
         """Load a model directory written by `save_pretrained`, on `device` (weights in `dtype`, default as
-        saved: float32), then quantized (`quantize="int8"`: CPU only, see `quantize.py`); errors name the missing
-        or bad file."""
+        saved: float32), then quantized (`quantize="int8"`: CPU only, see `quantize.py`) or its layers moved to
+        ONNX Runtime (`runtime="onnxruntime"`: float32 CPU, see `onnx_layers.py`); errors name the missing or
+        bad file."""
         directory = Path(directory)
         spec = read_model_spec(directory)
         backbone = load_pretrained_backbone(directory)
@@ -188,4 +192,4 @@ class EarlyExitModel(nn.Module):
                 f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
             ) from None
         model.exit_gate = ExitGate.load(directory)
-        return quantize_model(model.to(device=device, dtype=dtype).eval(), quantize)
+        return use_runtime(quantize_model(model.to(device=device, dtype=dtype).eval(), quantize), runtime)

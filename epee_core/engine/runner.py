@@ -198,7 +198,7 @@ def run_early_exit(
         tokens_per_layer.append(sum(group.mask.numel() for group in groups))
         with record_function("epee.layer"):
             for group in groups:
-                group.hidden = backbone.layer(index, group.hidden, group.bias)
+                group.hidden = backbone.run_layer(index, group.hidden, group.bias)
         if layer < first_read:
             continue
         remaining, changed = [], False

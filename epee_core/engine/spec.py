@@ -20,6 +20,8 @@ TEXT_TASKS = TASKS[:3]
 
 FORMAT_VERSION = 1
 
+RUNTIMES = ("torch", "onnxruntime")  # where float32 layers run (engine/onnx_layers.py)
+
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message names the source and key."""

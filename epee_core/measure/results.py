@@ -145,6 +145,10 @@ def calibrate_command(job: CalibrationJob) -> str:
     words += ["--cache", job.cache_path]
     if job.serving.quantize != "none":
         words += ["--quantize", job.serving.quantize]
+    elif (
+        job.serving.runtime == "torch"
+    ):  # the report times torch layers; `epee calibrate` defaults to onnxruntime
+        words += ["--runtime", "torch"]
     if job.options.guarantee != "accuracy":
         words += ["--guarantee", job.options.guarantee]
     if job.skip_invalid:

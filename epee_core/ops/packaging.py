@@ -181,6 +181,7 @@ def package_model(
         "handler": handler_file.name,
         "policy": serve_config.policy.describe(),
         "quantize": serve_config.quantize,
+        "runtime": serve_config.runtime,
         "scheduler": "continuous" if continuous else "batch",
         "size_mb": round(archive.stat().st_size / 1e6, 2),
         "seconds": round(time.perf_counter() - started, 1),

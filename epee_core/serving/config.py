@@ -14,7 +14,7 @@ import torch
 
 from ..engine.policies import ALL_PARAM_KEYS, POLICIES, SERVABLE_POLICIES, Policy, PolicyError, make_policy
 from ..engine.quantize import SCHEMES as QUANTIZE_SCHEMES
-from ..engine.spec import TASKS, ConfigError, ModelSpec, check_type, read_yaml
+from ..engine.spec import RUNTIMES, TASKS, ConfigError, ModelSpec, check_type, read_yaml
 from .audit import AUDIT_MODES
 from .scheduler import SchedulerLimits
 
@@ -31,6 +31,7 @@ SERVE_KEYS = {
     "max_rows_per_request": int,
     "dtype": str,
     "quantize": str,
+    "runtime": str,
     "slo_p95_ms": int,
     "max_rows_in_flight": int,
     "max_admit_rows": int,
@@ -212,6 +213,7 @@ class ServeConfig:
     max_rows_per_request: int = 64  # rows of one Open Inference Protocol request
     dtype: str | None = None  # weights on a GPU: float16, bfloat16 or float32 (CPU always runs float32)
     quantize: str = "none"  # "int8": the worker quantizes the backbone at load (CPU; engine/quantize.py)
+    runtime: str = "torch"  # "onnxruntime": float32 layers in ONNX Runtime (CPU; engine/onnx_layers.py)
     guarantee: dict[str, Any] | None = None  # what calibration certified for `policy` (see `check_guarantee`)
     slo_p95_ms: int = 1000  # the latency objective `epee bench --arrival-rate` measures capacity against
     # the layer-level scheduler's bounds (`continuousBatching: true`; serving/scheduler.py, SchedulerLimits)
@@ -275,6 +277,14 @@ class ServeConfig:
         if settings.get("quantize", "none") not in QUANTIZE_SCHEMES:
             raise ConfigError(
                 f"{source}: 'quantize' must be one of {', '.join(QUANTIZE_SCHEMES)}, got {settings['quantize']!r}"
+            )
+        if settings.get("runtime", "torch") not in RUNTIMES:
+            raise ConfigError(
+                f"{source}: 'runtime' must be one of {', '.join(RUNTIMES)}, got {settings['runtime']!r}"
+            )
+        if settings.get("runtime") == "onnxruntime" and settings.get("quantize", "none") != "none":
+            raise ConfigError(
+                f"{source}: 'runtime: onnxruntime' runs float32 layers; it does not combine with quantize"
             )
         positive = ("max_length", "max_body_bytes", "max_text_chars", "max_image_pixels", "num_threads",
                     "max_rows_per_request", "slo_p95_ms", "max_rows_in_flight", "max_admit_rows",
@@ -342,6 +352,16 @@ class ServeConfig:
             logger.warning("epee: dtype %s needs a GPU; this worker runs on the CPU in float32", self.dtype)
             dtype = torch.float32
         return device, dtype
+
+    def runtime_on(self, device: torch.device) -> str:
+        """The runtime a worker on `device` runs its layers in: `runtime`, except that ONNX Runtime layers run on
+        the CPU only, so a GPU worker keeps torch (with a warning) and one archive serves CPU and GPU replicas."""
+        if self.runtime != "torch" and device.type != "cpu":
+            logger.warning(
+                "epee: runtime %s runs on the CPU; this %s worker runs torch", self.runtime, device
+            )
+            return "torch"
+        return self.runtime
 
     def policy_for(self, override: Mapping[str, Any] | None) -> Policy:
         """The policy a request asks for (`{"policy": name, ...params}`), else the configured one."""

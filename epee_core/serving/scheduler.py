@@ -314,7 +314,7 @@ class LayerScheduler:
         layer = index + 1
         if group.bias is None:
             group.bias = model.backbone.attention_bias(group.mask, group.hidden.dtype)
-        hidden = model.backbone.layer(index, group.hidden, group.bias)
+        hidden = model.backbone.run_layer(index, group.hidden, group.bias)
         if layer < cohort.first_read:
             group.hidden = hidden
             cohort.depth = layer

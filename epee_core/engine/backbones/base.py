@@ -27,6 +27,7 @@ class BackboneAdapter(nn.Module):
     def __init__(self, model: PreTrainedModel):
         super().__init__()
         self.model = model
+        self.layer_runtime = None  # set by `onnx_layers.use_runtime`: runs `run_layer` outside torch
 
     @property
     def config(self):
@@ -49,8 +50,16 @@ class BackboneAdapter(nn.Module):
         raise NotImplementedError
 
     def layer(self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None) -> torch.Tensor:
-        """Run layer `index` (0-based) on the rows given."""
+        """Run layer `index` (0-based) on the rows given, in torch (what training differentiates)."""
         raise NotImplementedError
+
+    def run_layer(
+        self, index: int, hidden: torch.Tensor, attention_bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Layer `index` as inference runs it: in the attached runtime (`onnx_layers.py`), else `layer`."""
+        if self.layer_runtime is not None:
+            return self.layer_runtime(index, hidden, attention_bias)
+        return self.layer(index, hidden, attention_bias)
 
     def stock_forward(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The plain `transformers` forward over the whole padded batch, all layers: `last_hidden_state` and the
