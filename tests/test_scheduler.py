@@ -1,6 +1,6 @@
 """The layer-level scheduler keeps the runner's invariant under continuous batching: every row gets the prediction
 and exit layer it gets alone, whatever it ran beside and whenever it arrived (hypothesis over arrival schedules,
-for every backbone and every servable policy), within its limits and with failures kept to their own request."""
+for every backbone, BERT also with its layers in ONNX Runtime, and every servable policy), within its limits and with failures kept to their own request."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from epee_core.engine.gate import GATE_FEATURES, ExitGate
+from epee_core.engine.onnx_layers import use_runtime
 from epee_core.engine.policies import SERVABLE_POLICIES, make_policy
 from epee_core.engine.runner import run_early_exit
 from epee_core.serving.config import ServeConfig
@@ -69,6 +70,9 @@ def setups(tokenizer):
             batch = random_batch(NUM_ROWS, len(tokenizer), max_len=24, seed=5)
             rows = [single_row(batch, row) for row in range(NUM_ROWS)]
         built[kind] = Setup(model, rows)
+    onnx_model = use_runtime(build_tiny_model(tokenizer, kind="bert"), "onnxruntime")
+    onnx_model.exit_gate = confidence_gate()
+    built["bert-onnxruntime"] = Setup(onnx_model, built["bert"].rows)  # layers in ONNX Runtime
     return built
 
 
@@ -117,7 +121,7 @@ def drive(scheduler: LayerScheduler, schedule, rows) -> dict:
     return finished
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "bert-onnxruntime"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schedule=st.lists(request, min_size=1, max_size=8), step_limits=limits)
 def test_every_row_gets_what_it_gets_alone_whatever_the_arrival_schedule(setups, kind, schedule, step_limits):
