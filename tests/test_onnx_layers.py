@@ -5,6 +5,8 @@ worker take `runtime`."""
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from epee_core.calibration.cache import LogitCache
 from epee_core.cli import main
 from epee_core.engine import onnx_layers
 from epee_core.engine.model import EarlyExitModel
-from epee_core.engine.onnx_layers import OnnxRuntimeLayers, resolve_runtime, use_runtime
+from epee_core.engine.onnx_layers import OnnxRuntimeLayers, resolve_runtime, use_runtime, write_layer_graphs
 from epee_core.engine.policies import make_policy
 from epee_core.engine.quantize import quantize_model
 from epee_core.engine.runner import run_bucketed, run_early_exit
@@ -137,4 +139,30 @@ def test_calibrate_writes_the_runtime_and_bench_and_evaluate_read_it(model_dir, 
     argv = ["package", "--model", str(model_dir), "--config", str(output), "--name", "tiny-ort",
             "--export-path", str(tmp_path / "store"), "--json"]  # fmt: skip
     assert main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["runtime"] == "onnxruntime"
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["runtime"] == "onnxruntime"
+    with zipfile.ZipFile(summary["archive"]) as archive:  # exported once, at packaging
+        names = set(archive.namelist())
+        assert {"model/onnx/manifest.json", "model/onnx/layer-0.onnx"} <= names
+
+
+def test_a_worker_reads_the_packaged_graphs_and_exports_only_when_they_are_stale(
+    model_dir, tmp_path, monkeypatch
+):
+    directory = tmp_path / "model"
+    shutil.copytree(model_dir, directory)
+    write_layer_graphs(EarlyExitModel.from_pretrained(directory), directory)
+    exported = []
+    real_export = onnx_layers.export_layer
+    monkeypatch.setattr(
+        onnx_layers, "export_layer", lambda *args: exported.append(args) or real_export(*args)
+    )
+    model = EarlyExitModel.from_pretrained(directory, runtime="onnxruntime")
+    assert exported == []  # read, not exported
+    inputs = inputs_for(model, 4)
+    reference = EarlyExitModel.from_pretrained(directory).forward_all_exits(inputs)
+    torch.testing.assert_close(model.forward_all_exits(inputs), reference, rtol=1e-4, atol=1e-4)
+    spec = directory / "config.json"  # other weights: the graphs no longer match
+    spec.write_text(spec.read_text() + "\n")
+    EarlyExitModel.from_pretrained(directory, runtime="onnxruntime")
+    assert len(exported) == model.num_layers

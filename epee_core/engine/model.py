@@ -192,4 +192,5 @@ class EarlyExitModel(nn.Module):
                 f"{directory / EXITS_FILE}: exit heads do not fit epee.yaml ({error})"
             ) from None
         model.exit_gate = ExitGate.load(directory)
-        return use_runtime(quantize_model(model.to(device=device, dtype=dtype).eval(), quantize), runtime)
+        model = quantize_model(model.to(device=device, dtype=dtype).eval(), quantize)
+        return use_runtime(model, runtime, directory)

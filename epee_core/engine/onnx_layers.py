@@ -10,6 +10,10 @@ Hugging Face forward (`stock_forward`, the `hf` row of `epee bench`) stays torch
 Why a layer at a time: the runner stops rows between layers, so a whole-model graph would not do. A layer graph
 also keeps each row's answer independent of its batch-mates (every operation is per row or per token; tested).
 
+Exporting takes a few seconds a layer, so `epee package` exports once and puts the graphs in the archive
+(`onnx/` in the model directory, with the hash of the weights they were made from); a worker reads them when
+the hash matches and exports only when they are missing or stale.
+
 Sessions are made per torch thread count at call time (`torch.set_num_threads` is how the CLI and the worker size
 their threads), with spinning off so idle ONNX Runtime threads do not compete with torch. Float32 on the CPU
 only: int8 keeps its own kernels (`quantize.py`), and training never sees these graphs.
@@ -17,9 +21,13 @@ only: int8 keeps its own kernels (`quantize.py`), and training never sees these 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
 import threading
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +36,10 @@ from .backbones.base import BackboneAdapter
 from .spec import RUNTIMES, ConfigError
 
 _EXAMPLE_ROWS, _EXAMPLE_TOKENS = 2, 8  # export example shape; both axes are exported as dynamic
+GRAPHS_DIR = "onnx"  # in a model directory: layer-{i}.onnx and manifest.json (`write_layer_graphs`)
+_WEIGHT_FILES = ("config.json", "model.safetensors")  # what the graphs are made from
+
+logger = logging.getLogger(__name__)
 
 
 class _Layer(nn.Module):
@@ -70,17 +82,64 @@ def export_layer(backbone: BackboneAdapter, index: int) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-class OnnxRuntimeLayers:
-    """Runs `backbone.layer(i, ·)` through ONNX Runtime sessions built from the exported layer graphs."""
+def weights_hash(directory: str | Path) -> str:
+    """sha256 of the backbone's config and weights in a model directory: what exported graphs must match."""
+    digest = hashlib.sha256()
+    for name in _WEIGHT_FILES:
+        path = Path(directory) / name
+        digest.update(name.encode())
+        if path.is_file():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
-    def __init__(self, backbone: BackboneAdapter):
+
+def write_layer_graphs(model, directory: str | Path) -> Path:
+    """Export the layers of `model`, loaded from `directory`, into `directory/onnx/` (what `epee package` does
+    for a `runtime: onnxruntime` archive, so workers need not export)."""
+    target = Path(directory) / GRAPHS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for index in range(model.num_layers):
+            (target / f"layer-{index}.onnx").write_bytes(export_layer(model.backbone, index))
+    manifest = {"weights_sha256": weights_hash(directory), "num_layers": model.num_layers}
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return target
+
+
+def read_layer_graphs(directory: str | Path, num_layers: int) -> list[bytes] | None:
+    """The graphs `write_layer_graphs` left in `directory`, or None when there are none or they were made from
+    other weights (a notice says so)."""
+    target = Path(directory) / GRAPHS_DIR
+    try:
+        manifest = json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = (
+        manifest.get("weights_sha256") == weights_hash(directory) and manifest.get("num_layers") == num_layers
+    )
+    paths = [target / f"layer-{index}.onnx" for index in range(num_layers)]
+    if not fresh or not all(path.is_file() for path in paths):
+        logger.warning("epee: %s holds layer graphs of other weights; exporting again", target)
+        return None
+    return [path.read_bytes() for path in paths]
+
+
+class OnnxRuntimeLayers:
+    """Runs `backbone.layer(i, ·)` through ONNX Runtime sessions built from the layer graphs (exported here
+    unless `graphs` are given)."""
+
+    def __init__(self, backbone: BackboneAdapter, graphs: list[bytes] | None = None):
         try:
             import onnxruntime
         except ImportError as error:
             raise ConfigError(f"runtime onnxruntime needs the onnxruntime package ({error})") from None
         self._onnxruntime = onnxruntime
-        with torch.no_grad():
-            self.graphs = [export_layer(backbone, index) for index in range(backbone.num_layers)]
+        if graphs is None:
+            with torch.no_grad():
+                graphs = [export_layer(backbone, index) for index in range(backbone.num_layers)]
+        self.graphs = graphs
         self._sessions: dict[int, list] = {}
         self._lock = threading.Lock()
 
@@ -114,8 +173,9 @@ def resolve_runtime(requested: str, quantize: str) -> str:
     return "onnxruntime" if quantize == "none" and importlib.util.find_spec("onnxruntime") else "torch"
 
 
-def use_runtime(model, runtime: str):
-    """Attach `runtime` to a loaded `EarlyExitModel` (in place; returned for chaining). "torch" changes nothing."""
+def use_runtime(model, runtime: str, directory: str | Path | None = None):
+    """Attach `runtime` to a loaded `EarlyExitModel` (in place; returned for chaining), with the layer graphs
+    `epee package` left in its model `directory` when they match its weights. "torch" changes nothing."""
     if runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if runtime == "torch":
@@ -124,6 +184,7 @@ def use_runtime(model, runtime: str):
         raise ConfigError("runtime onnxruntime runs float32 layers: it does not combine with quantize int8")
     if model.device.type != "cpu" or model.dtype != torch.float32:
         raise ConfigError(f"runtime onnxruntime runs float32 on the CPU, not {model.dtype} on {model.device}")
-    model.backbone.layer_runtime = OnnxRuntimeLayers(model.backbone)
+    graphs = read_layer_graphs(directory, model.num_layers) if directory is not None else None
+    model.backbone.layer_runtime = OnnxRuntimeLayers(model.backbone, graphs)
     model.runtime = runtime
     return model

@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from ..engine.gate import GATE_FILE
-from ..engine.model import read_model_spec
+from ..engine.model import EarlyExitModel, read_model_spec
+from ..engine.onnx_layers import write_layer_graphs
 from ..engine.spec import TEXT_TASKS, ConfigError, ModelSpec, parse_yaml
 from ..serving.config import SCHEDULERS, ServeConfig, scheduler_keys
 from ..serving.service import ARCHIVE_MODEL_DIR
@@ -156,6 +157,8 @@ def package_model(
         if quantize is not None or scheduler is not None:
             config_path = _archived_config(config_path, Path(work) / config_path.name, quantize, scheduler)
             serve_config = ServeConfig.load(config_path)
+        if serve_config.runtime == "onnxruntime":  # exported once here, so workers load without exporting
+            write_layer_graphs(EarlyExitModel.from_pretrained(model_dir), extra / ARCHIVE_MODEL_DIR)
         continuous = bool(yaml.safe_load(config_path.read_text(encoding="utf-8")).get("continuousBatching"))
         command = archiver_command() + [
             "--model-name", name,
