@@ -123,6 +123,7 @@ def read_layer_graphs(directory: str | Path, num_layers: int) -> list[bytes] | N
     if not fresh or not all(path.is_file() for path in paths):
         logger.warning("epee: %s holds layer graphs of other weights; exporting again", target)
         return None
+    logger.info("epee: %d layer graphs read from %s", num_layers, target)
     return [path.read_bytes() for path in paths]
 
 

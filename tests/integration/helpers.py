@@ -199,12 +199,13 @@ def engine_answer(model: EarlyExitModel, inputs: dict, policy: Policy) -> dict:
 
 
 def engine_answers(model_dir: Path, config: Path, texts: list[str]) -> dict[str, dict]:
-    """The in-process engine's answer alone for every text, under the model YAML's policy."""
+    """The in-process engine's answer alone for every text, under the model YAML's policy and runtime."""
     from epee_core.engine.inputs import encode_texts
     from epee_core.serving.config import ServeConfig
 
-    model = EarlyExitModel.from_pretrained(model_dir)
-    policy = ServeConfig.load(config).policy
+    serve = ServeConfig.load(config)
+    model = EarlyExitModel.from_pretrained(model_dir, runtime=serve.runtime)
+    policy = serve.policy
     return {
         text: engine_answer(model, encode_texts(model.tokenizer, [text], model.spec.max_length), policy)
         for text in texts

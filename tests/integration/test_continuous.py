@@ -1,5 +1,6 @@
 """A real TorchServe serving an archive packaged with `--scheduler continuous`: TorchServe's continuous batching
-drives the layer-level scheduler, one handler call per step.
+drives the layer-level scheduler, one handler call per step, with the layers in ONNX Runtime (the graphs
+`epee package` put in the archive).
 
 Checked: concurrent plain JSON and Open Inference Protocol requests (requests, tritonclient, a client reading the
 chunked body) get the in-process engine's answer alone; hostile requests in the same burst get their own 4xx
@@ -56,7 +57,7 @@ def setup(tmp_path_factory, tokenizer):
     build_tiny_model(tokenizer, num_layers=6).save_pretrained(model_dir)
     config = write_model_yaml(work / "model.yaml", batch_size=8, max_batch_delay=50, task="text-classification",
                               policy="entropy", entropy_threshold=0.3, max_text_chars=1000,
-                              max_body_bytes=3000, num_threads=2)  # fmt: skip
+                              max_body_bytes=3000, num_threads=2, runtime="onnxruntime")  # fmt: skip
     store = work / "model_store"
     assert main(["package", "--model", str(model_dir), "--config", str(config), "--name", MODEL,
                  "--export-path", str(store), "--scheduler", "continuous"]) == 0  # fmt: skip
@@ -87,6 +88,7 @@ def test_the_archive_turns_on_torchserves_continuous_batching(setup):
     assert (
         "2 torch threads, scheduler continuous (2 cohort threads)" in log
     )  # the default: the worker's threads
+    assert "runtime onnxruntime" in log and "layer graphs read from" in log  # the archive's, not exported
 
 
 def test_sentences_exit_at_several_layers_so_requests_really_stream(expected):
