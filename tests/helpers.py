@@ -3,6 +3,7 @@ pixel batches, and the embedded demo data. Fixtures live in conftest.py and call
 
 from __future__ import annotations
 
+import json
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -206,3 +207,25 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def labelled_rows(path: Path, count: int) -> Path:
+    """`count` embedded demo sentences labelled a, b, c in turn (the tiny models' labels), as JSON Lines."""
+    rows = [json.loads(line) for line in (DEMO_DATA / "ade_demo_dev.jsonl").open()][:count]
+    path.write_text(
+        "".join(json.dumps({"text": r["text"], "label": "abc"[i % 3]}) + "\n" for i, r in enumerate(rows))
+    )
+    return path
+
+
+def calibrate_tiny(model_dir: Path, tmp_path: Path, *flags: str) -> tuple[Path, Path]:
+    """`epee calibrate --guarantee none` of a tiny model on 60 labelled rows, with `flags`; returns the written
+    model YAML and logit cache."""
+    from epee_core.cli import main
+
+    data = labelled_rows(tmp_path / "dev.jsonl", 60)
+    output, cache = tmp_path / "tiny.yaml", tmp_path / "cache.safetensors"
+    argv = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output),
+            "--guarantee", "none", "--cache", str(cache), "--json", *flags]  # fmt: skip
+    assert main(argv) == 0
+    return output, cache

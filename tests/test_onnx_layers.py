@@ -11,8 +11,7 @@ import zipfile
 import pytest
 import torch
 import yaml
-from helpers import build_tiny_model, random_batch, random_pixels, single_row
-from test_quantize import labelled_rows
+from helpers import build_tiny_model, calibrate_tiny, random_batch, random_pixels, single_row
 
 from epee_core.calibration.cache import LogitCache
 from epee_core.cli import main
@@ -111,19 +110,10 @@ def test_auto_means_onnxruntime_for_float32_when_installed(monkeypatch):
     assert resolve_runtime("auto", "none") == "torch"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    directory = tmp_path_factory.mktemp("onnx") / "tiny"
-    build_tiny_model(tokenizer).save_pretrained(directory)
-    return directory
-
-
-def test_calibrate_writes_the_runtime_and_bench_and_evaluate_read_it(model_dir, tmp_path, capsys):
-    data = labelled_rows(tmp_path / "dev.jsonl", 60)
-    output, cache = tmp_path / "tiny.yaml", tmp_path / "cache.safetensors"
-    argv = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output),
-            "--runtime", "onnxruntime", "--guarantee", "none", "--cache", str(cache), "--json"]  # fmt: skip
-    assert main(argv) == 0
+def test_calibrate_writes_the_runtime_and_bench_and_evaluate_read_it(tiny_model_dir, tmp_path, capsys):
+    model_dir = tiny_model_dir
+    output, cache = calibrate_tiny(model_dir, tmp_path, "--runtime", "onnxruntime")
+    data = tmp_path / "dev.jsonl"
     capsys.readouterr()
     assert yaml.safe_load(output.read_text())["epee"]["runtime"] == "onnxruntime"
     assert LogitCache.load(cache).fingerprint["runtime"] == "onnxruntime"  # a torch cache is not reused
@@ -147,10 +137,10 @@ def test_calibrate_writes_the_runtime_and_bench_and_evaluate_read_it(model_dir, 
 
 
 def test_a_worker_reads_the_packaged_graphs_and_exports_only_when_they_are_stale(
-    model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, monkeypatch
 ):
     directory = tmp_path / "model"
-    shutil.copytree(model_dir, directory)
+    shutil.copytree(tiny_model_dir, directory)
     write_layer_graphs(EarlyExitModel.from_pretrained(directory), directory)
     exported = []
     real_export = onnx_layers.export_layer

@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 import yaml
-from helpers import DEMO_DATA, build_tiny_model, random_batch, random_pixels, single_row
+from helpers import build_tiny_model, calibrate_tiny, labelled_rows, random_batch, random_pixels, single_row
 
 from epee_core.cli import main
 from epee_core.engine import quantize as quantize_module
@@ -122,14 +122,6 @@ def model_dir(tmp_path_factory, tokenizer):
     return directory
 
 
-def labelled_rows(path, count: int):
-    rows = [json.loads(line) for line in (DEMO_DATA / "ade_demo_dev.jsonl").open()][:count]
-    path.write_text(
-        "".join(json.dumps({"text": r["text"], "label": "abc"[i % 3]}) + "\n" for i, r in enumerate(rows))
-    )
-    return path
-
-
 def test_bench_in_int8_keeps_the_float32_stock_row(model_dir, tmp_path, capsys):
     data = labelled_rows(tmp_path / "dev.jsonl", 24)
     argv = ["bench", "--model", str(model_dir), "--data", str(data), "--policies", "full,entropy",
@@ -142,11 +134,7 @@ def test_bench_in_int8_keeps_the_float32_stock_row(model_dir, tmp_path, capsys):
 
 
 def test_calibrate_in_int8_judges_against_float32_and_the_yaml_says_int8(model_dir, tmp_path, capsys):
-    data = labelled_rows(tmp_path / "dev.jsonl", 60)
-    output, cache = tmp_path / "tiny.yaml", tmp_path / "cache.safetensors"
-    argv = ["calibrate", "--model", str(model_dir), "--data", str(data), "--output", str(output),
-            "--quantize", "int8", "--guarantee", "none", "--cache", str(cache), "--json"]  # fmt: skip
-    assert main(argv) == 0
+    output, cache = calibrate_tiny(model_dir, tmp_path, "--quantize", "int8")
     capsys.readouterr()
     assert yaml.safe_load(output.read_text())["epee"]["quantize"] == "int8"
     from epee_core.calibration.cache import LogitCache
