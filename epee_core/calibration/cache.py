@@ -10,7 +10,6 @@ marked `labelled: false`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..engine.model import SPEC_FILE, EarlyExitModel
 from ..engine.signals import layer_probs, predictions
-from ..engine.spec import ConfigError
+from ..engine.spec import ConfigError, hash_files
 
 CACHE_FORMAT = "epee-calibration-cache/1"
 # Files of a model directory that decide its logits: weights, configs, tokenizer / image-processor files.
@@ -38,16 +37,6 @@ class StaleCacheError(ConfigError):
         self.reason = reason
 
 
-def _hash_files(paths: list[Path], root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path.relative_to(root)).encode())
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_dir: str | Path) -> str:
     """sha256 over the weight, config and tokenizer files of a model directory, and its `epee.yaml`."""
     root = Path(model_dir)
@@ -58,7 +47,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     )
     if not any(path.name == SPEC_FILE for path in files):
         raise ConfigError(f"{root}: not an epee model directory (missing {SPEC_FILE})")
-    return _hash_files(files, root)
+    return hash_files(files, root)
 
 
 def data_fingerprint(data_path: str | Path, max_samples: int | None) -> dict[str, Any]:
@@ -66,9 +55,9 @@ def data_fingerprint(data_path: str | Path, max_samples: int | None) -> dict[str
     how many examples were read."""
     path = Path(data_path)
     if path.is_file():
-        digest = _hash_files([path], path.parent)
+        digest = hash_files([path], path.parent)
     elif path.is_dir():
-        digest = _hash_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
+        digest = hash_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
     else:
         raise ConfigError(f"{path}: data file not found")
     return {"data_sha256": digest, "max_samples": max_samples}

@@ -21,7 +21,6 @@ only: int8 keeps its own kernels (`quantize.py`), and training never sees these 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from .backbones.base import BackboneAdapter
-from .spec import RUNTIMES, ConfigError
+from .spec import RUNTIMES, ConfigError, hash_files
 
 _EXAMPLE_ROWS, _EXAMPLE_TOKENS = 2, 8  # export example shape; both axes are exported as dynamic
 GRAPHS_DIR = "onnx"  # in a model directory: layer-{i}.onnx and manifest.json (`write_layer_graphs`)
@@ -84,15 +83,8 @@ def export_layer(backbone: BackboneAdapter, index: int) -> bytes:
 
 def weights_hash(directory: str | Path) -> str:
     """sha256 of the backbone's config and weights in a model directory: what exported graphs must match."""
-    digest = hashlib.sha256()
-    for name in _WEIGHT_FILES:
-        path = Path(directory) / name
-        digest.update(name.encode())
-        if path.is_file():
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+    root = Path(directory)
+    return hash_files([root / name for name in _WEIGHT_FILES if (root / name).is_file()], root)
 
 
 def write_layer_graphs(model, directory: str | Path) -> Path:
@@ -121,7 +113,7 @@ def read_layer_graphs(directory: str | Path, num_layers: int) -> list[bytes] | N
     )
     paths = [target / f"layer-{index}.onnx" for index in range(num_layers)]
     if not fresh or not all(path.is_file() for path in paths):
-        logger.warning("epee: %s holds layer graphs of other weights; exporting again", target)
+        logger.warning("epee: the layer graphs in %s do not match the weights; exporting again", target)
         return None
     logger.info("epee: %d layer graphs read from %s", num_layers, target)
     return [path.read_bytes() for path in paths]
@@ -145,7 +137,10 @@ class OnnxRuntimeLayers:
         self._lock = threading.Lock()
 
     def sessions(self, threads: int) -> list:
-        """The layer sessions for `threads` intra-op threads (made on first use)."""
+        """The layer sessions for `threads` intra-op threads (made on first use; the lookup takes no lock)."""
+        made = self._sessions.get(threads)
+        if made is not None:
+            return made
         with self._lock:
             if threads not in self._sessions:
                 options = self._onnxruntime.SessionOptions()

@@ -5,6 +5,7 @@ Every error a user can hit names the file and the key, and says what was expecte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,17 @@ def check_type(value: Any, key: str, kind: type | tuple[type, ...], source: str)
         names = " or ".join(k.__name__ for k in kinds)
         raise ConfigError(f"{source}: '{key}' must be {names}, got {value!r}")
     return value
+
+
+def hash_files(paths: list[Path], root: Path) -> str:
+    """sha256 over the files' paths (relative to `root`) and contents: a fingerprint of what they hold."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
